@@ -1,0 +1,59 @@
+# Two commands from a fresh clone: `make run` (the main job) and `make test`.
+# Every target first makes sure .venv exists and is at least as new as pyproject.toml (stamp file).
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+PROFILE ?= quick
+CHECKPOINT ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup run test lint format reports app lab bench data clean help
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the project (skipped when up to date)
+
+run: $(STAMP)  ## build the data, run the quick notebook pipeline, then serve the app on :7860
+	$(VENV)/bin/workbench data build
+	$(VENV)/bin/workbench pipeline --profile quick
+	$(VENV)/bin/workbench app
+
+test: $(STAMP)  ## lint + every test (unit, integration, notebooks, app API, browser if chromium)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff lint and format check only
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)  ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+data: $(STAMP)  ## build the embedded dataset cache
+	$(VENV)/bin/workbench data build
+
+reports: $(STAMP)  ## the notebook pipeline only (PROFILE=quick|full)
+	$(VENV)/bin/workbench pipeline --profile $(PROFILE)
+
+app: $(STAMP)  ## the Gradio app only (CHECKPOINT=dir, default the newest in runs/)
+	$(VENV)/bin/workbench app $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+lab: $(STAMP)  ## JupyterLab with the project's kernel registered
+	$(PY) -m ipykernel install --user --name workbench --display-name "Python (workbench)"
+	cd notebooks && ../$(VENV)/bin/jupyter lab
+
+bench: $(STAMP)  ## the benchmark suite -> benchmarks/results/*.json and a markdown table
+	$(VENV)/bin/workbench bench
+
+clean:  ## remove runs/, reports/ and caches (keeps .venv)
+	rm -rf runs reports .pytest_cache .ruff_cache

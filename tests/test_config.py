@@ -1,0 +1,124 @@
+"""Typed configuration: YAML round trip, presets, overrides, and rejection of bad keys and values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from workbench.config import (
+    MODEL_PRESETS,
+    Config,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+    to_yaml,
+    valid_keys,
+)
+from workbench.errors import ConfigError
+
+
+def test_defaults_resolve_and_validate():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.model.preset == "small" and cfg.train.stage == 3 and cfg.data.source == "digits"
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(
+        overrides=["seed=7", "train.steps=123", "model.preset=tiny", "data.limits.max_text_chars=99"]
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(to_yaml(cfg))
+    again = load_config(files=[path])
+    assert again == cfg
+    assert to_dict(again)["train"]["steps"] == 123
+
+
+def test_shipped_config_files_resolve(repo):
+    for path in sorted((repo / "configs").glob("*.yaml")):
+        load_config(files=[path])
+
+
+def test_save_config_writes_yaml_and_json(tmp_path):
+    cfg = load_config(overrides=["seed=3"])
+    save_config(cfg, tmp_path / "run")
+    assert from_dict(json.loads((tmp_path / "run" / "config.json").read_text())) == cfg
+    assert load_config(files=[tmp_path / "run" / "config.yaml"]) == cfg
+
+
+def test_preset_fills_model_and_explicit_keys_win():
+    tiny = load_config(overrides=["model.preset=tiny"])
+    assert tiny.model.dim == MODEL_PRESETS["tiny"]["dim"]
+    wider = load_config(overrides=["model.preset=tiny", "model.dim=64", "model.heads=4"])
+    assert wider.model.dim == 64 and wider.model.depth_f == MODEL_PRESETS["tiny"]["depth_f"]
+
+
+def test_file_then_overrides_order(tmp_path):
+    f = tmp_path / "a.yaml"
+    f.write_text("train:\n  steps: 5\n  lr: 0.01\n")
+    cfg = load_config(files=[f], overrides=["train.steps=9"])
+    assert (cfg.train.steps, cfg.train.lr) == (9, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("override", "closest"),
+    [
+        ("train.step=3", "train.steps"),
+        ("trian.steps=3", "train.steps"),
+        ("model.presets=tiny", "model.preset"),
+        ("steps=3", "train.steps"),
+        ("data.limits.max_text_char=3", "data.limits.max_text_chars"),
+    ],
+)
+def test_unknown_key_names_closest(override, closest):
+    with pytest.raises(ConfigError, match=f"closest valid key is '{closest}'"):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("train.steps=many", "train.steps"),
+        ("train.steps=0", "train.steps"),
+        ("train.lr=-1", "train.lr"),
+        ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("model.preset=huge", "model.preset"),
+        ("model.dim=30", "model.dim"),
+        ("data.source=internet", "data.source"),
+        ("train.mask_ratio.image=1.5", "train.mask_ratio.image"),
+        ("data.modalities=[smell]", "data.modalities"),
+        ("train.stage=4", "train.stage"),
+        ("nonsense", "key=value"),
+    ],
+)
+def test_bad_values_rejected(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
+        load_config(overrides=[override])
+
+
+def test_bad_yaml_files_rejected(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(files=[missing])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(files=[broken])
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  stpes: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        load_config(files=[unknown])
+
+
+def test_misspelt_choice_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'bf16'"):
+        load_config(overrides=["train.mixed_precision=bf61"])
+
+
+def test_valid_keys_cover_nested_fields():
+    keys = valid_keys()
+    for key in ("seed", "train.steps", "train.batch_size", "train.checkpoint_every", "train.mixed_precision",
+                "model.preset", "data.source", "data.audio_source", "data.fsdd_dir", "data.limits.max_audio_seconds"):  # fmt: skip
+        assert key in keys

@@ -1,0 +1,185 @@
+"""The ``workbench`` command line (also ``python -m workbench``).
+
+Each subcommand parses its arguments, resolves the typed config *before any work*, and then calls
+into the library. Heavy imports (torch models, gradio, papermill) happen inside the handlers so that
+``--help`` stays instant. Exit codes: 0 success, 2 bad input or configuration (one line on stderr),
+1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from workbench import __version__
+from workbench.errors import NotYetAvailable, WorkbenchError
+
+EPILOG = """\
+config overrides are dotted key=value pairs, e.g.  train.steps=200 model.preset=tiny seed=1
+(see configs/*.yaml and README.md for every key). Exit codes: 0 ok, 2 bad input, 1 other errors."""
+
+
+def _pending(what: str, issue: int) -> NotYetAvailable:
+    return NotYetAvailable(f"`workbench {what}` is not available yet: it lands with issue #{issue}")
+
+
+def _config(args: argparse.Namespace, base: dict | None = None):
+    from workbench.config import load_config
+
+    return load_config(files=args.config or (), overrides=args.overrides, base=base)
+
+
+# ---------------------------------------------------------------------------------------- handlers
+def cmd_data_build(args: argparse.Namespace) -> int:
+    raise _pending("data build", 3)
+
+
+def cmd_data_describe(args: argparse.Namespace) -> int:
+    raise _pending("data describe", 3)
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    raise _pending("model", 4)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _config(args, base={"train": {"stage": args.stage}})  # validate before any work
+    raise _pending("train", 5)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    raise _pending("evaluate", 5)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    raise _pending("predict", 5)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    raise _pending("pipeline", 6)
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    raise _pending("app", 7)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    raise _pending("bench", 9)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from workbench.config import to_yaml
+
+    print(to_yaml(_config(args)), end="")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ parser
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", action="append", metavar="FILE", help="YAML config file (repeatable; later wins)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="workbench",
+        description="Multimodal multitask transformers (OmniVec2): data, training, evaluation, reports, app.",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    parser.add_argument("--version", action="version", version=f"workbench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(
+        name: str, handler: Callable, help: str, description: str | None = None
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help, description=description or help, epilog=EPILOG, formatter_class=fmt
+        )
+        p.set_defaults(handler=handler)
+        return p
+
+    data = add("data", None, "build or describe the embedded multimodal digits dataset")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = data_sub.add_parser("build", help="build/refresh the embedded dataset cache (offline, deterministic)")
+    p.add_argument(
+        "--root", metavar="DIR", help="cache directory (default: data.cache_dir or ~/.cache/workbench)"
+    )
+    p.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
+    _add_config_args(p)
+    p.set_defaults(handler=cmd_data_build)
+    p = data_sub.add_parser("describe", help="counts per modality, task, split and class")
+    p.add_argument("--root", metavar="DIR", help="cache directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_config_args(p)
+    p.set_defaults(handler=cmd_data_describe)
+
+    p = add("model", cmd_model, "print the network of a preset: components, parameter counts, shapes")
+    p.add_argument("--preset", default=None, help="model preset (tiny | small | base | ...)")
+    _add_config_args(p)
+
+    p = add(
+        "train",
+        cmd_train,
+        "train one OmniVec2 stage (1 unimodal masked, 2 pairwise masked, 3 multitask)",
+        "Train one stage. Chain stages with --init (the previous run's checkpoint); continue a stopped "
+        "run with --resume. Runs under `accelerate launch` unchanged for multi-process / multi-GPU.",
+    )
+    p.add_argument("--stage", type=int, choices=(1, 2, 3), required=True, help="training stage")
+    p.add_argument("--init", metavar="CKPT", help="initialise from this checkpoint directory")
+    p.add_argument("--out", metavar="RUN", help="run directory (default runs/stage<N>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
+    _add_config_args(p)
+
+    p = add("evaluate", cmd_evaluate, "evaluate a checkpoint single-stream on a split")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint directory")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--json", metavar="FILE", help="write the metrics JSON here")
+    _add_config_args(p)
+
+    p = add("predict", cmd_predict, "predict every task head of each medium's modality")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint directory")
+    p.add_argument("--image", action="append", default=[], metavar="FILE")
+    p.add_argument("--audio", action="append", default=[], metavar="FILE")
+    p.add_argument("--video", action="append", default=[], metavar="FILE")
+    p.add_argument("--text", action="append", default=[], metavar="TEXT")
+    p.add_argument("--json", action="store_true", help="one JSON object per input, in input order")
+
+    p = add("pipeline", cmd_pipeline, "run the notebooks headlessly (papermill) into a browsable report")
+    p.add_argument("--profile", default="quick", choices=("quick", "full"))
+    p.add_argument("--out", metavar="DIR", help="report directory (default reports/<profile>-<time>)")
+
+    p = add("app", cmd_app, "serve the Gradio attention explorer")
+    p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint directory (default: newest in runs/)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 7860)")
+    _add_config_args(p)
+
+    p = add("bench", cmd_bench, "run the benchmark suite")
+    p.add_argument("--quick", action="store_true", help="a smoke run (used by make test)")
+    p.add_argument("--out", metavar="FILE", help="results JSON (default benchmarks/results/<time>.json)")
+
+    p = add("config", cmd_config, "print the resolved config (defaults <- preset <- files <- overrides)")
+    _add_config_args(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except WorkbenchError as err:
+        print(f"workbench {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

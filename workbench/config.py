@@ -1,0 +1,415 @@
+"""Typed configuration: dataclasses, YAML files and ``key=value`` dotted overrides.
+
+Resolution order (later wins)::
+
+    dataclass defaults  <-  model preset (``model.preset``)  <-  YAML file(s)  <-  ``key=value`` overrides
+
+OmegaConf structured configs do the merging and the type checks; this module adds what OmegaConf
+leaves out: a message that names the closest valid key, range/choice checks (``__post_init__`` runs
+when :func:`OmegaConf.to_object` builds the dataclasses), and model presets. The resolved config is
+written beside every result with :func:`save_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from workbench.errors import ConfigError
+
+MODALITIES = ("image", "audio", "text", "video")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{name}={value!r} is not one of {list(choices)}{hint}")
+
+
+def _check_range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ConfigError(f"{name}={value!r} is outside {bounds}")
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclass
+class LimitsConfig:
+    """Caps on user media, shared by the CLI, the data loaders and the app."""
+
+    max_upload_mb: float = 50.0  # any uploaded file
+    max_image_pixels: int = 25_000_000  # width x height before decoding pixels
+    max_audio_seconds: float = 30.0  # after decoding, before trimming silence
+    max_video_frames: int = 600  # frames decoded from one clip
+    max_text_chars: int = 2_000  # characters of one text input
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_range(f"data.limits.{f.name}", getattr(self, f.name), lo=1e-9)
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they are split and paired."""
+
+    source: str = "digits"  # digits (embedded benchmark) | folders (a user's own directories)
+    cache_dir: str = ""  # "" -> $WORKBENCH_CACHE or ~/.cache/workbench
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))  # streams in use
+    audio_source: str = "synth"  # synth (espeak-ng clips) | fsdd (Free Spoken Digit recordings)
+    fsdd_dir: str = ""  # an FSDD `recordings/` directory (or its parent) when audio_source=fsdd
+    fsdd_holdout_speakers: list[str] = field(default_factory=list)  # speakers kept out of training
+    folders: dict[str, str] = field(default_factory=dict)  # modality -> directory, for source=folders
+    pairing: str = "unpaired"  # unpaired (OmniVec2 default) | aligned (both streams show one digit)
+    num_workers: int = 0  # DataLoader workers; 0 is fastest for these small in-memory tensors
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("data.source", self.source, ("digits", "folders"))
+        _check_choice("data.audio_source", self.audio_source, ("synth", "fsdd"))
+        _check_choice("data.pairing", self.pairing, ("unpaired", "aligned"))
+        for m in self.modalities:
+            _check_choice("data.modalities[]", m, MODALITIES)
+        if not self.modalities:
+            raise ConfigError("data.modalities is empty; name at least one of " + ", ".join(MODALITIES))
+        if self.audio_source == "fsdd" and not self.fsdd_dir:
+            raise ConfigError("data.audio_source=fsdd needs data.fsdd_dir=DIR (an FSDD recordings/ folder)")
+        _check_range("data.num_workers", self.num_workers, lo=0)
+
+
+# -------------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    """Widths and depths of the OmniVec2 network (METHOD.md section 1) and its ablation switches.
+
+    ``preset`` fills every other field first (see :data:`MODEL_PRESETS`); explicit keys then win.
+    """
+
+    preset: str = (
+        "small"  # tiny (tests) | small (CPU default) | base (ViT-Base widths, GPUs) | seed-system presets
+    )
+    dim: int = 192  # token width inside f
+    depth_f: int = 4  # transformer blocks in f
+    fc_dims: list[int] = field(
+        default_factory=lambda: [192, 160, 128]
+    )  # f's three FC+ReLU layers (width reduction)
+    depth_g: int = 2  # transformer blocks in g (at width fc_dims[-1])
+    heads: int = 4  # attention heads in f, A and g
+    mlp_ratio: float = 4.0  # hidden width of the GELU MLP, as a multiple of the width
+    head_dim: int = 96  # width of each task head (ViT-Tiny style)
+    head_depth: int = 1  # transformer blocks in each task head
+    head_heads: int = 3  # attention heads in each task head
+    decoder_dim: int = 96  # masked-prediction decoders (stage 1 and 2)
+    decoder_depth: int = 1
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    patch_size: int = 4  # image patches (pixels); video tubelets share it spatially
+    tubelet_frames: int = 2  # frames per video tubelet
+    n_mels: int = 64  # audio log-mel bins
+    audio_patch: list[int] = field(default_factory=lambda: [4, 16])  # (time frames, mel bins) per audio patch
+    text_vocab_size: int = 2000  # BPE vocabulary trained on the text corpus
+    max_text_tokens: int = 64  # longer text is rejected, never silently truncated
+    tokenizer: str = "specific"  # specific (one per modality) | unified (Meta-Transformer Data2Seq)
+    task_head: str = "specific"  # specific (one per modality/task) | unified (Uni-Perceiver) | autoencoder
+    fusion: str = "hybrid"  # hybrid (OmniVec2 cross-attention) | early | late
+
+    def __post_init__(self) -> None:
+        _check_choice("model.preset", self.preset, tuple(MODEL_PRESETS))
+        _check_choice("model.tokenizer", self.tokenizer, ("specific", "unified"))
+        _check_choice("model.task_head", self.task_head, ("specific", "unified", "autoencoder"))
+        _check_choice("model.fusion", self.fusion, ("hybrid", "early", "late"))
+        for name in (
+            "dim",
+            "depth_f",
+            "depth_g",
+            "heads",
+            "head_dim",
+            "head_heads",
+            "decoder_dim",
+            "patch_size",
+        ):
+            _check_range(f"model.{name}", getattr(self, name), lo=1)
+        if len(self.fc_dims) != 3 or min(self.fc_dims) < 1:
+            raise ConfigError(
+                f"model.fc_dims={self.fc_dims} must be three positive widths (f's three FC layers)"
+            )
+        for name, width, heads in (
+            ("dim", self.dim, self.heads),
+            ("fc_dims[-1]", self.fc_dims[-1], self.heads),
+            ("head_dim", self.head_dim, self.head_heads),
+        ):
+            if width % heads:
+                raise ConfigError(f"model.{name}={width} is not divisible by its number of heads ({heads})")
+        _check_range("model.dropout", self.dropout, 0.0, 1.0)
+        _check_range("model.drop_path", self.drop_path, 0.0, 1.0)
+        if 28 % self.patch_size:
+            raise ConfigError(f"model.patch_size={self.patch_size} must divide the 28-pixel digit images")
+
+
+# Presets are plain data so that config resolution never imports torch. `small` is the CPU default:
+# three stages train in minutes on two cores. `base` follows ViT-Base widths for GPU runs.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        dim=32,
+        depth_f=1,
+        fc_dims=[32, 32, 32],
+        depth_g=1,
+        heads=2,
+        head_dim=32,
+        head_depth=1,
+        head_heads=2,
+        decoder_dim=32,
+        decoder_depth=1,
+        n_mels=32,
+        audio_patch=[8, 8],
+        text_vocab_size=300,
+    ),
+    "small": {},  # the dataclass defaults
+    "base": dict(
+        dim=768,
+        depth_f=12,
+        fc_dims=[768, 640, 512],
+        depth_g=4,
+        heads=12,
+        head_dim=192,
+        head_depth=2,
+        head_heads=3,
+        decoder_dim=256,
+        decoder_depth=2,
+        mlp_ratio=4.0,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    """The one Accelerate training loop and the stage objective plugged into it (METHOD.md section 2)."""
+
+    stage: int = 3  # 1 unimodal masked | 2 pairwise masked | 3 multitask supervised
+    steps: int = 1000  # optimiser updates
+    batch_size: int = 64  # samples per update per process (split over the two streams in stages 2-3)
+    grad_accum: int = 1  # micro-batches per optimiser update
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 50  # linear warm-up, then cosine decay
+    min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
+    clip_grad: float = 1.0  # max gradient norm; 0 disables clipping
+    mixed_precision: str = "no"  # no | bf16 (autocast; fast on AVX-512-bf16 CPUs and on GPUs)
+    checkpoint_every: int = 0  # save Accelerate state every N updates (0: only at the end)
+    keep_checkpoints: int = 2  # most recent states kept under RUN/state/
+    eval_every: int = 0  # validation every N updates (0: only at the end)
+    log_every: int = 10
+    mask_ratio: dict[str, float] = field(
+        # Paper: 0.95 for image, video, audio and text. On 28x28 digits with 49 patches, 0.75 keeps
+        # enough visible tokens to learn from in minutes; the paper's values are one override away.
+        default_factory=lambda: {"image": 0.75, "audio": 0.75, "video": 0.85, "text": 0.15}
+    )
+    balancer: str = "dwa"  # dwa (Dynamic Weight Average) | uncertainty | equal
+    dwa_temperature: float = 2.0
+    tracker: str = "tensorboard"  # tensorboard | trackio | mlflow | wandb | none
+    out: str = ""  # run directory ("" -> runs/<stage>-<timestamp>)
+
+    def __post_init__(self) -> None:
+        _check_choice("train.stage", self.stage, (1, 2, 3))
+        _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16"))
+        _check_choice("train.balancer", self.balancer, ("dwa", "uncertainty", "equal"))
+        _check_choice("train.tracker", self.tracker, ("tensorboard", "trackio", "mlflow", "wandb", "none"))
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            _check_range(f"train.{name}", getattr(self, name), lo=1)
+        for name in ("warmup_steps", "checkpoint_every", "eval_every", "clip_grad", "weight_decay"):
+            _check_range(f"train.{name}", getattr(self, name), lo=0)
+        _check_range("train.lr", self.lr, lo=1e-12, hi=10.0)
+        _check_range("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_range("train.keep_checkpoints", self.keep_checkpoints, lo=1)
+        for m, r in self.mask_ratio.items():
+            _check_choice("train.mask_ratio key", m, MODALITIES)
+            _check_range(f"train.mask_ratio.{m}", r, 0.0, 0.99)
+
+
+# ---------------------------------------------------------------------------------------------- app
+@dataclass
+class AppConfig:
+    """The Gradio attention explorer."""
+
+    checkpoint: str = ""  # "" -> the newest runs/*/checkpoint
+    host: str = "127.0.0.1"  # loopback unless asked; never a share link unless share=true
+    port: int = 7860
+    share: bool = False
+    concurrency_limit: int = 4  # simultaneous model calls (Gradio queue)
+    top_k: int = 3
+
+    def __post_init__(self) -> None:
+        _check_range("app.port", self.port, 1, 65535)
+        _check_range("app.concurrency_limit", self.concurrency_limit, lo=1)
+        _check_range("app.top_k", self.top_k, lo=1)
+
+
+# --------------------------------------------------------------------------------------------- root
+@dataclass
+class Config:
+    """Everything a run needs. ``seed`` drives Python, NumPy and torch (see :mod:`workbench.seeding`)."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    app: AppConfig = field(default_factory=AppConfig)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def valid_keys(node: Any = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the config tree (``train.steps``, ``data.limits.max_text_chars``...)."""
+    keys: list[str] = []
+    for f in dataclasses.fields(node):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys.extend(valid_keys(type(default), key + "."))
+    return keys
+
+
+def _closest_key(key: str) -> str:
+    """Always name one valid key: a close whole-key match, else a close leaf match, else the nearest."""
+    keys = valid_keys()
+    leaf = {k.rsplit(".", 1)[-1]: k for k in keys}  # so `steps=3` suggests `train.steps`
+    hit = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not hit:
+        leaf_hit = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaf), n=1, cutoff=0.5)
+        hit = [leaf[leaf_hit[0]]] if leaf_hit else difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
+    return f"; the closest valid key is {hit[0]!r}" if hit else ""
+
+
+def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+    if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or ("Key '" in msg and "not in" in msg):
+        return ConfigError(f"unknown config key {key!r} in {source}{_closest_key(key)}")
+    if isinstance(err, ValidationError):
+        return ConfigError(f"bad value for {key!r} in {source}: {msg.splitlines()[0]}")
+    return ConfigError(f"invalid config in {source}: {msg.splitlines()[0]}")
+
+
+def _mapping_keys(node: Any = Config, prefix: str = "") -> set[str]:
+    """Keys of dict-typed fields (``train.mask_ratio``, ``data.folders``): any sub-key is allowed."""
+    out: set[str] = set()
+    for f in dataclasses.fields(node):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out |= _mapping_keys(type(default), f"{prefix}{f.name}.")
+        elif isinstance(default, dict):
+            out.add(f"{prefix}{f.name}")
+    return out
+
+
+def _check_keys(layer: DictConfig, source: str) -> None:
+    """Reject unknown dotted keys up front, naming the full key as written (OmegaConf names only a prefix)."""
+    valid, mappings = set(valid_keys()), _mapping_keys()
+
+    def leaves(node: Any, prefix: str = "") -> Iterable[str]:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and v and key not in mappings:
+                yield from leaves(v, key + ".")
+            else:
+                yield key
+
+    for key in leaves(OmegaConf.to_container(layer)):
+        under_mapping = any(key.startswith(m + ".") for m in mappings)
+        if key not in valid and key not in mappings and not under_mapping:
+            raise ConfigError(f"unknown config key {key!r} in {source}{_closest_key(key)}")
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _wrap(err, source) from None
+
+
+def _parse_overrides(overrides: Iterable[str]) -> DictConfig:
+    items = list(overrides)
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=200)")
+    try:
+        return OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot parse overrides {items}: {str(err).splitlines()[0]}") from None
+
+
+def _read_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends: the file is not valid YAML
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}"
+        ) from None
+    if isinstance(loaded, ListConfig):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, not a list")
+    return loaded
+
+
+def load_config(
+    files: Iterable[str | Path] = (), overrides: Iterable[str] = (), base: dict[str, Any] | None = None
+) -> Config:
+    """Resolve a :class:`Config` from YAML files and ``key=value`` overrides; raise ConfigError on anything bad.
+
+    ``base`` is an optional mapping applied before the files (used by notebooks for their parameters).
+    """
+    layers: list[tuple[Any, str]] = []
+    if base:
+        layers.append((OmegaConf.create(base), "parameters"))
+    layers += [(_read_yaml(f), str(f)) for f in files]
+    layers.append((_parse_overrides(overrides), "overrides"))
+
+    schema = OmegaConf.structured(Config)
+    merged = schema
+    for layer, source in layers:
+        _check_keys(layer, source)
+        merged = _merge(merged, layer, source)
+    preset = merged.model.preset
+    if preset not in MODEL_PRESETS:
+        _check_choice("model.preset", preset, tuple(MODEL_PRESETS))
+    # Re-merge with the preset's values underneath the user's layers, so explicit keys still win.
+    merged = _merge(schema, {"model": MODEL_PRESETS[preset]}, f"model preset {preset!r}")
+    for layer, source in layers:
+        merged = _merge(merged, layer, source)
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]  # runs every __post_init__
+    except OmegaConfBaseException as err:
+        raise _wrap(err, "config") from None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from a saved dict (e.g. a checkpoint's config.json), validating every key."""
+    return load_config(base=data)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, directory: str | Path) -> None:
+    """Write the resolved config as ``config.yaml`` and ``config.json`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(to_yaml(cfg))
+    (directory / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
