@@ -29,8 +29,9 @@ class Batch:
     def key(self) -> str:
         return f"{self.modality}/{self.task}"
 
-    def to(self, device: torch.device | str) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Move every tensor (Accelerate's ``send_to_device`` calls this with ``non_blocking``)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return replace(
             self, x=move(self.x), y=move(self.y), lengths=move(self.lengths), digit=move(self.digit)
         )

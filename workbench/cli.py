@@ -44,8 +44,14 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    _config(args, base={"train": {"stage": args.stage}})  # validate before any work
-    raise _pending("train", 5)
+    from workbench.train import resolve_run, train
+
+    cfg, run = resolve_run(args.stage, args.config or (), args.overrides, args.init, args.out, args.resume)
+    result = train(cfg, run, init=args.init, resume=args.resume)
+    print(
+        f"stage {cfg.train.stage}: {result.steps} steps in {result.seconds:.0f}s; checkpoint: {result.checkpoint}"
+    )
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

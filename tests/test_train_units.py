@@ -1,0 +1,102 @@
+"""Pieces of the training loop that stand alone: LR schedule, task balancing, resumable streams."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState, GradientState
+from torch.utils.data import DataLoader, TensorDataset
+
+from workbench.train.balance import TaskBalancer
+from workbench.train.loop import warmup_cosine
+from workbench.train.streams import BatchStream, StreamSet
+
+
+def test_warmup_then_cosine_to_floor():
+    f = warmup_cosine(warmup=10, total=110, floor=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    values = [f(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(values))  # monotone decay after warm-up
+    assert values[-1] == pytest.approx(0.1) and f(60) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_dwa_upweights_the_task_that_converges_slowest():
+    bal = TaskBalancer(["a", "b"], "dwa", temperature=2.0, window=2)
+    assert bal.weights() == {"a": 1.0, "b": 1.0}
+    # window 1: a=1.0 b=1.0 ; window 2: a=0.5 (fast) b=0.9 (slow)
+    for losses in ({"a": 1.0, "b": 1.0},) * 2 + ({"a": 0.5, "b": 0.9},) * 2:
+        bal.observe(losses)
+    w = bal.weights()
+    assert w["b"] > 1.0 > w["a"] and sum(w.values()) == pytest.approx(2.0)
+    ea, eb = math.exp(0.5 / 2), math.exp(0.9 / 2)
+    assert w["b"] == pytest.approx(2 * eb / (ea + eb))
+    total = bal({"a": torch.tensor(2.0), "b": torch.tensor(3.0)})
+    assert total.item() == pytest.approx(2.0 * w["a"] + 3.0 * w["b"])
+
+
+def test_dwa_state_round_trip():
+    bal = TaskBalancer(["a", "b"], "dwa", window=1)
+    for x in (1.0, 0.8, 0.7):
+        bal.observe({"a": x, "b": 2 * x})
+    other = TaskBalancer(["a", "b"], "dwa", window=1)
+    other.load_state(bal.state())
+    assert other.weights() == bal.weights() and other.history == bal.history
+
+
+def test_uncertainty_weights_are_learned():
+    bal = TaskBalancer(["a", "b"], "uncertainty")
+    opt = torch.optim.SGD(bal.parameters(), lr=0.1)
+    for _ in range(50):  # a constant large loss on "a": its sigma grows, its weight falls
+        opt.zero_grad()
+        bal({"a": torch.tensor(4.0), "b": torch.tensor(0.25)}).backward()
+        opt.step()
+    w = bal.weights()
+    assert w["a"] < 1.0 < w["b"]
+
+
+def test_equal_weights_sum_losses():
+    bal = TaskBalancer(["a", "b"], "equal", window=1)
+    bal.observe({"a": 1.0, "b": 5.0})
+    assert bal({"a": torch.tensor(1.0), "b": torch.tensor(2.0)}).item() == 3.0
+
+
+@pytest.fixture
+def accelerator():
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(
+        cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=3)
+    )
+
+
+def _loader(n=10, bs=3):
+    return DataLoader(TensorDataset(torch.arange(n)), batch_size=bs, shuffle=True, drop_last=True)
+
+
+def test_stream_resume_equals_uninterrupted(accelerator):
+    full = BatchStream(accelerator.prepare_data_loader(_loader()))
+    uninterrupted = [next(full)[0].tolist() for _ in range(12)]
+    first = BatchStream(accelerator.prepare_data_loader(_loader()))
+    head = [next(first)[0].tolist() for _ in range(7)]
+    resumed = BatchStream(accelerator.prepare_data_loader(_loader()))
+    resumed.load_state(first.state())
+    tail = [next(resumed)[0].tolist() for _ in range(5)]
+    assert head + tail == uninterrupted
+    epochs = [sorted(x for batch in uninterrupted[i : i + 3] for x in batch) for i in (0, 3, 6)]
+    assert all(len(set(e)) == 9 for e in epochs)  # each epoch is a permutation (no repeats)
+    assert uninterrupted[0:3] != uninterrupted[3:6]  # and epochs are shuffled differently
+
+
+def test_stream_set_restores_pending_state(accelerator):
+    streams = StreamSet(accelerator, lambda key: _loader())
+    seen = [next(streams["a"])[0].tolist() for _ in range(4)]
+    state = streams.state()
+    fresh = StreamSet(accelerator, lambda key: _loader())
+    fresh.load_state(state)  # before the stream exists: applied when it is first used
+    again = StreamSet(accelerator, lambda key: _loader())
+    expected = [next(again["a"])[0].tolist() for _ in range(6)][4:]
+    assert [next(fresh["a"])[0].tolist() for _ in range(2)] == expected and seen

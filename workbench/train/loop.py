@@ -1,0 +1,287 @@
+"""One training function in the Accelerate idiom; the three stages are objectives plugged into it.
+
+    prepare once -> with accelerator.accumulate(objective) -> accelerator.backward -> sync_gradients
+    gates clipping, the scheduler and step counting -> save_state / load_state + skip_first_batches
+    (per stream, see streams.py) -> init_trackers / log / end_training.
+
+The same function runs on one CPU process, on two gloo processes, or on many GPUs with DDP, FSDP or
+DeepSpeed (`accelerate launch`); nothing in it names a device.
+
+A run directory holds::
+
+    RUN/config.yaml, RUN/config.json   the resolved config
+    RUN/state/<step>/                  Accelerate state (model, optimiser, scheduler, RNG) + trainer_state.json
+    RUN/checkpoint/                    the model (config.json, model.safetensors, tokenizer.json)
+    RUN/history.jsonl                  one line per logged step: losses, task weights, lr, samples/s
+    RUN/metrics.json                   final evaluation
+    RUN/logs/                          tracker output (TensorBoard by default)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import GradientAccumulationPlugin, set_seed
+from tqdm.auto import tqdm
+
+from workbench.config import Config, save_config, to_dict
+from workbench.errors import WorkbenchError
+from workbench.train.objectives import OBJECTIVES, Objective
+from workbench.train.streams import StreamSet
+
+STATE_FILE = "trainer_state.json"
+
+
+class TrainingDiverged(WorkbenchError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    steps: int
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------- optimiser
+def warmup_cosine(warmup: int, total: int, floor: float):
+    """LR multiplier: linear warm-up to 1 over ``warmup`` updates, then cosine decay to ``floor``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(
+    module: torch.nn.Module, cfg: Config
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW without weight decay on biases, norms, embeddings and positions (1-D parameters), as in ViT/MAE."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "pos" in name or "embed" in name else decay).append(p)
+    t = cfg.train
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=tuple(t.betas),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(t.warmup_steps, t.steps, t.min_lr_ratio)
+    )
+    return optimizer, scheduler
+
+
+# --------------------------------------------------------------------------------------- states
+def _states(run_dir: Path) -> list[Path]:
+    root = run_dir / "state"
+    done = [p for p in root.glob("*") if p.is_dir() and p.name.isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name))
+
+
+def latest_state(run_dir: Path) -> Path | None:
+    states = _states(run_dir)
+    return states[-1] if states else None
+
+
+def _save_state(accelerator: Accelerator, run_dir: Path, step: int, trainer_state: dict, keep: int) -> None:
+    """Write ``state/<step>`` atomically: into a temporary directory, then one rename.
+
+    A kill during the save leaves a ``tmp-`` directory behind, never a broken numbered state, so
+    ``--resume`` always finds the last complete one.
+    """
+    final = run_dir / "state" / str(step)
+    tmp = run_dir / "state" / f"tmp-{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in _states(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ train
+def train(
+    cfg: Config, out: str | Path, *, init: str | Path | None = None, resume: bool = False
+) -> TrainResult:
+    """Train stage ``cfg.train.stage`` into the run directory ``out``; return where the checkpoint is."""
+    from workbench.data import load_benchmark, make_loader
+    from workbench.evaluate import evaluate, evaluate_masked
+    from workbench.model import build_model
+    from workbench.model.text_tokenizer import TextTokenizer
+
+    run_dir = Path(out)
+    t = cfg.train
+    # One process (a notebook kernel, a test) may train several stages with different settings: start
+    # each from a fresh AcceleratorState. PartialState (the process group of a launched job) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=t.grad_accum, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        step_scheduler_with_optimizer=False,  # we step it once per optimiser update ourselves
+        # stage 3 touches two of the heads each step; the others legitimately get no gradient
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with=None if t.tracker == "none" else t.tracker,
+        project_dir=str(run_dir / "logs"),
+    )
+    set_seed(cfg.seed)
+    state_dir = latest_state(run_dir) if resume else None
+    if resume and state_dir is None:
+        raise WorkbenchError(
+            f"--resume: no saved state under {run_dir / 'state'}; start the run without --resume"
+        )
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir)
+    accelerator.wait_for_everyone()
+
+    bench = load_benchmark(cfg.data, seed=cfg.seed)
+    tokenizer = None
+    if init is not None and (Path(init) / "tokenizer.json").is_file():
+        tokenizer = TextTokenizer.load(init, cfg.model.max_text_tokens)
+    elif any(task.modality == "text" for task in bench.tasks):
+        tokenizer = TextTokenizer.train(
+            bench.text_corpus("train"), cfg.model.text_vocab_size, cfg.model.max_text_tokens
+        )
+    model = build_model(cfg, bench.tasks)
+    model.text_tokenizer = tokenizer
+    loaded: list[str] = []
+    if init is not None:
+        loaded = model.load_components(init)
+    objective: Objective = OBJECTIVES[t.stage](model, cfg, bench.tasks)
+    objective.rank = accelerator.process_index
+    optimizer, scheduler = build_optimizer(objective, cfg)
+    objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+    inner: Objective = accelerator.unwrap_model(objective)
+
+    def make_stream_loader(key: str):
+        modality, task = key.split("/", 1)
+        return make_loader(
+            bench.dataset(modality, task, "train"),
+            inner.stream_batch_size(),
+            shuffle=True,
+            seed=cfg.seed,
+            text_tokenizer=tokenizer,
+            drop_last=True,
+            num_workers=cfg.data.num_workers,
+        )
+
+    streams = StreamSet(accelerator, make_stream_loader)
+    step = 0
+    if state_dir is not None:
+        accelerator.load_state(str(state_dir))
+        saved = json.loads((state_dir / STATE_FILE).read_text())
+        step = saved["step"]
+        streams.load_state(saved["streams"])
+        inner.load_state(saved["objective"])
+    if t.tracker != "none":
+        accelerator.init_trackers("workbench", config=_flat(to_dict(cfg)))
+
+    history = run_dir / "history.jsonl"
+    if accelerator.is_main_process and not resume:
+        history.write_text("")
+    progress = tqdm(
+        total=t.steps, initial=step, disable=not accelerator.is_local_main_process, desc=f"stage {t.stage}"
+    )
+    window: dict[str, list[float]] = {}
+    samples, tic, started = 0, time.perf_counter(), time.perf_counter()
+    micro = 0
+    while step < t.steps:
+        batches = [streams.next(key) for key in inner.plan(step, micro)]
+        with accelerator.accumulate(objective):
+            loss, parts = objective(batches, step, micro)
+            if not torch.isfinite(loss.detach()):
+                raise TrainingDiverged(
+                    f"non-finite loss ({loss.item()}) at step {step} of stage {t.stage} on "
+                    f"{', '.join(b.key for b in batches)}; the last good state is kept in {run_dir / 'state'}"
+                )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.clip_grad > 0:
+                accelerator.clip_grad_norm_(objective.parameters(), t.clip_grad)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        samples += sum(len(b) for b in batches) * accelerator.num_processes
+        for k, v in parts.items():
+            window.setdefault(k, []).append(float(v))
+        micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        micro = 0
+        inner.observe({k: float(v) for k, v in parts.items()})
+        step += 1
+        progress.update(1)
+        if step % t.log_every == 0 or step == t.steps:
+            elapsed = time.perf_counter() - tic
+            record = {
+                "step": step,
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": samples / max(elapsed, 1e-9),
+            }
+            record |= {f"loss/{k}": sum(v) / len(v) for k, v in window.items()}
+            if hasattr(inner, "balancer"):
+                record |= {f"weight/{k}": w for k, w in inner.balancer.weights().items()}
+            accelerator.log(record, step=step)
+            if accelerator.is_main_process:
+                with history.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            progress.set_postfix(loss=f"{sum(sum(v) / len(v) for v in window.values()):.3f}",
+                                 sps=f"{record['samples_per_s']:.0f}")  # fmt: skip
+            window, samples, tic = {}, 0, time.perf_counter()
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
+            state = {"step": step, "streams": streams.state(), "objective": inner.state()}
+            _save_state(accelerator, run_dir, step, state, t.keep_checkpoints)
+    progress.close()
+
+    seconds = time.perf_counter() - started
+    model = inner.model
+    model.eval()
+    if t.stage == 3:
+        metrics = {split: evaluate(model, bench, split, accelerator=accelerator) for split in ("val", "test")}
+    else:
+        metrics = {
+            split: evaluate_masked(model, bench, split, cfg, accelerator=accelerator) for split in ("val",)
+        }
+    metrics |= {"stage": t.stage, "steps": step, "train_seconds": seconds, "initialised_from": str(init or ""),
+                "loaded_components": loaded}  # fmt: skip
+    checkpoint = run_dir / "checkpoint"
+    if accelerator.is_main_process:
+        model.save_pretrained(checkpoint, cfg, tokenizer)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(run_dir, checkpoint, step, metrics, seconds)

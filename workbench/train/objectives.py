@@ -1,0 +1,187 @@
+"""The three OmniVec2 stages as objectives plugged into one training loop (METHOD.md section 2).
+
+An objective is an ``nn.Module`` wrapping the network so that Accelerate/DDP sees every step go
+through ``forward`` (gradient synchronisation hooks live there). Each step it
+
+1. ``plan(step)``: names the streams (``"modality/task"``) to draw a batch from. The plan is a pure
+   function of ``(seed, step)``, so every process picks the same modalities (DDP needs the same graph
+   on every rank) and a resumed run replays the same choices;
+2. ``forward(batches, step)``: returns the scalar to back-propagate and a dict of named, detached
+   loss parts for logging (losses stay a dict until the balancer reduces them, STYLE.md rule 7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from workbench.batch import Batch
+from workbench.config import Config
+from workbench.modalities import TaskSpec
+from workbench.train.balance import TaskBalancer
+
+
+def _average(items: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Name -> loss, averaging names that occur twice (both streams of one modality or task)."""
+    grouped: dict[str, list[torch.Tensor]] = {}
+    for name, loss in items:
+        grouped.setdefault(name, []).append(loss)
+    return {name: sum(losses) / len(losses) for name, losses in grouped.items()}
+
+
+class Objective(nn.Module):
+    stage: int = 0
+
+    def __init__(self, model: nn.Module, cfg: Config, tasks: Sequence[TaskSpec]):
+        super().__init__()
+        self.model = model
+        self.seed = cfg.seed
+        self.rank = 0  # set by the loop; varies the masking noise between data-parallel processes
+        self.tasks = list(tasks)
+        self.modalities = list(dict.fromkeys(t.modality for t in self.tasks))
+        self.batch_size = cfg.train.batch_size
+        self.grad_accum = cfg.train.grad_accum
+
+    def _rng(self, step: int, micro: int = 0) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.stage, step, micro])
+
+    def _generator(self, step: int, micro: int = 0) -> torch.Generator:
+        """Masking noise for this step and process: reproducible, and independent of data order."""
+        g = torch.Generator()
+        g.manual_seed(int(self._rng(step, micro).integers(2**62)) + self.rank)
+        return g
+
+    def _pair(self, rng: np.random.Generator) -> list[str]:
+        """Two different modalities drawn at random (the same one twice if only one is configured)."""
+        if len(self.modalities) == 1:
+            return self.modalities * 2
+        i, j = rng.choice(len(self.modalities), size=2, replace=False)
+        return [self.modalities[i], self.modalities[j]]
+
+    def reconstruction_stream(self, modality: str) -> str:
+        """Masked pre-training reads a modality's clean inputs: those of its first task (e.g. image/digit)."""
+        first = next(t for t in self.tasks if t.modality == modality and t.kind == "classification")
+        return first.key
+
+    def stream_batch_size(self) -> int:
+        return self.batch_size
+
+    def plan(self, step: int, micro: int = 0) -> list[str]:
+        raise NotImplementedError
+
+    def forward(
+        self, batches: list[Batch], step: int, micro: int = 0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def observe(self, parts: dict[str, float]) -> None:
+        """Called once per optimiser update with the (process-local) loss parts."""
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+
+class UnimodalMasked(Objective):
+    """Stage 1: MAE-style masked prediction, one modality per step, all through ONE shared f.
+
+    Modalities take turns (step mod M) so each sees the same number of updates.
+    """
+
+    stage = 1
+
+    def __init__(self, model: nn.Module, cfg: Config, tasks: Sequence[TaskSpec]):
+        super().__init__(model, cfg, tasks)
+        self.mask_ratio = dict(cfg.train.mask_ratio)
+
+    def plan(self, step: int, micro: int = 0) -> list[str]:
+        m = self.modalities[(step * self.grad_accum + micro) % len(self.modalities)]
+        return [self.reconstruction_stream(m)]
+
+    def forward(self, batches: list[Batch], step: int, micro: int = 0):
+        (batch,) = batches
+        out = self.model.forward_masked(
+            batch, self.mask_ratio[batch.modality], generator=self._generator(step, micro)
+        )
+        return out.loss, {f"{batch.modality}/masked": out.loss.detach()}
+
+
+class PairwiseMasked(Objective):
+    """Stage 2: two modalities at random, both masked, through f, A, g, A-back and per-modality decoders.
+
+    Unpaired by default (the two batches show unrelated samples), no task balancing.
+    """
+
+    stage = 2
+
+    def __init__(self, model: nn.Module, cfg: Config, tasks: Sequence[TaskSpec]):
+        super().__init__(model, cfg, tasks)
+        self.mask_ratio = dict(cfg.train.mask_ratio)
+
+    def stream_batch_size(self) -> int:
+        return max(1, self.batch_size // 2)
+
+    def plan(self, step: int, micro: int = 0) -> list[str]:
+        return [self.reconstruction_stream(m) for m in self._pair(self._rng(step, micro))]
+
+    def forward(self, batches: list[Batch], step: int, micro: int = 0):
+        a, b = batches
+        out_a, out_b = self.model.forward_masked_pair(
+            a,
+            b,
+            self.mask_ratio[a.modality],
+            self.mask_ratio[b.modality],
+            generator=self._generator(step, micro),
+        )
+        parts = _average([(f"{a.modality}/masked", out_a.loss), (f"{b.modality}/masked", out_b.loss)])
+        return out_a.loss + out_b.loss, {k: v.detach() for k, v in parts.items()}
+
+
+class MultitaskSupervised(Objective):
+    """Stage 3: a random modality pair, one random task each, half the batch from each; the sum of the
+    two task losses, each scaled by the task balancer (DWA by default)."""
+
+    stage = 3
+
+    def __init__(self, model: nn.Module, cfg: Config, tasks: Sequence[TaskSpec]):
+        super().__init__(model, cfg, tasks)
+        t = cfg.train
+        self.balancer = TaskBalancer(
+            [s.key for s in self.tasks], t.balancer, t.dwa_temperature, t.balance_window
+        )
+
+    def stream_batch_size(self) -> int:
+        return max(1, self.batch_size // 2)
+
+    def plan(self, step: int, micro: int = 0) -> list[str]:
+        rng = self._rng(step, micro)
+        keys = []
+        for m in self._pair(rng):
+            options = [t.key for t in self.tasks if t.modality == m]
+            keys.append(options[int(rng.integers(len(options)))])
+        return keys
+
+    def forward(self, batches: list[Batch], step: int, micro: int = 0):
+        a, b = batches
+        pred_a, pred_b = self.model.forward_pair(a, b)
+        losses = _average(
+            [(x.key, self.model.task_loss(x.key, p, x.y)) for x, p in ((a, pred_a), (b, pred_b))]
+        )
+        return self.balancer(losses), {k: v.detach() for k, v in losses.items()}
+
+    def observe(self, parts: dict[str, float]) -> None:
+        self.balancer.observe(parts)
+
+    def state(self) -> dict:
+        return {"balancer": self.balancer.state()}
+
+    def load_state(self, state: dict) -> None:
+        self.balancer.load_state(state["balancer"])
+
+
+OBJECTIVES: dict[int, type[Objective]] = {1: UnimodalMasked, 2: PairwiseMasked, 3: MultitaskSupervised}
