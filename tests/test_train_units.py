@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader, TensorDataset
 
+from workbench.data.loaders import EpochShuffle
 from workbench.train.balance import TaskBalancer
 from workbench.train.loop import warmup_cosine
 from workbench.train.streams import BatchStream, StreamSet
@@ -68,13 +69,13 @@ def test_equal_weights_sum_losses():
 def accelerator():
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(
-        cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=3)
-    )
+    return Accelerator(cpu=True)
 
 
 def _loader(n=10, bs=3):
-    return DataLoader(TensorDataset(torch.arange(n)), batch_size=bs, shuffle=True, drop_last=True)
+    return DataLoader(
+        TensorDataset(torch.arange(n)), batch_size=bs, sampler=EpochShuffle(n, seed=3), drop_last=True
+    )
 
 
 def test_stream_resume_equals_uninterrupted(accelerator):

@@ -32,15 +32,44 @@ def _config(args: argparse.Namespace, base: dict | None = None):
 
 # ---------------------------------------------------------------------------------------- handlers
 def cmd_data_build(args: argparse.Namespace) -> int:
-    raise _pending("data build", 3)
+    import time
+
+    from workbench.data import describe, load_benchmark
+
+    cfg = _config(args)
+    t0 = time.perf_counter()
+    bench = load_benchmark(cfg.data, seed=cfg.seed, root=args.root, force=args.force)
+    desc = describe(bench)
+    sizes = ", ".join(
+        f"{k} {sum(c['total'] for c in v['splits'].values())}" for k, v in desc["tasks"].items()
+    )
+    print(f"data ready in {time.perf_counter() - t0:.1f} s at {desc['cache']}")
+    print(f"{len(bench.tasks)} tasks: {sizes}")
+    return 0
 
 
 def cmd_data_describe(args: argparse.Namespace) -> int:
-    raise _pending("data describe", 3)
+    import json
+
+    from workbench.data import describe, format_table, load_benchmark
+
+    cfg = _config(args)
+    desc = describe(load_benchmark(cfg.data, seed=cfg.seed, root=args.root))
+    print(json.dumps(desc, indent=1, ensure_ascii=False) if args.json else format_table(desc))
+    return 0
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    raise _pending("model", 4)
+    """Build the network of a preset (on the config's modalities' default tasks) and describe it."""
+    from workbench.config import load_config
+    from workbench.modalities import default_tasks
+    from workbench.model import build_model
+    from workbench.model.summary import describe
+
+    preset = [f"model.preset={args.preset}"] if args.preset else []
+    cfg = load_config(files=args.config or (), overrides=[*preset, *args.overrides])
+    print(describe(build_model(cfg, default_tasks(cfg.data.modalities))))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -55,15 +84,75 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    raise _pending("evaluate", 5)
+    import json
+    from pathlib import Path
+
+    from workbench.config import load_config, read_saved_config
+    from workbench.data import load_benchmark
+    from workbench.evaluate import evaluate
+    from workbench.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint)  # refuses a bad checkpoint before any work
+    cfg = load_config(files=args.config or (), overrides=args.overrides,
+                      base=read_saved_config(Path(args.checkpoint) / "config.json"))  # fmt: skip
+    bench = load_benchmark(cfg.data, seed=cfg.seed)
+    metrics = evaluate(predictor.model, bench, args.split)
+    text = json.dumps(metrics, indent=2) + "\n"
+    (Path(args.checkpoint) / "metrics.json").write_text(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    for key, row in metrics.items():
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float))
+        print(f"{args.split:5s} {key:18s} {shown} (n={row['n']})")
+    return 0
+
+
+class _Medium(argparse.Action):
+    """Collect --image/--audio/--video/--text in the order given on the command line."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        media = getattr(namespace, "media", None) or []
+        media.append((self.dest, values))
+        namespace.media = media
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    raise _pending("predict", 5)
+    import json
+
+    from workbench.inference import Predictor
+
+    if not getattr(args, "media", None):
+        raise WorkbenchError("give at least one medium: --image F, --audio F, --video F or --text S")
+    predictor = Predictor.from_checkpoint(args.checkpoint)
+    for modality, src in args.media:
+        pred = predictor.predict(modality, src, name=src)
+        if args.json:
+            print(json.dumps(pred.to_json()), flush=True)
+            continue
+        parts = []
+        for task, out in pred.tasks.items():
+            if "top" in out:
+                parts.append(f"{task}={out['label']} ({out['top'][0][1]:.2f})")
+            else:
+                parts.append(f"{task}: psnr to input {out['psnr_to_input']:.1f} dB")
+        print(f"{src} [{modality}] " + ", ".join(parts) + f"  ({pred.latency_ms:.1f} ms)", flush=True)
+    return 0
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    raise _pending("pipeline", 6)
+    from workbench.report import NotebookFailed, run_pipeline
+
+    try:
+        result = run_pipeline(args.profile, args.out, only=args.only or ())
+    except NotebookFailed as err:  # a notebook's bug, not bad input: exit 1, the index is still written
+        print(f"workbench pipeline: error: {err}", file=sys.stderr)
+        print(f"report (partial): {err.result.index_html}")
+        return 1
+    counts = {s: sum(r.status == s for r in result.notebooks) for s in ("ok", "missing", "skipped")}
+    done = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    print(f"pipeline {result.profile}: {done} in {result.seconds:.0f}s; report: {result.index_html}")
+    return 0
 
 
 def cmd_app(args: argparse.Namespace) -> int:
@@ -149,15 +238,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("predict", cmd_predict, "predict every task head of each medium's modality")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint directory")
-    p.add_argument("--image", action="append", default=[], metavar="FILE")
-    p.add_argument("--audio", action="append", default=[], metavar="FILE")
-    p.add_argument("--video", action="append", default=[], metavar="FILE")
-    p.add_argument("--text", action="append", default=[], metavar="TEXT")
+    for name, meta, what in (("image", "FILE", "PNG/JPEG/WebP/BMP/GIF"), ("audio", "FILE", "WAV/FLAC/OGG/MP3"),
+                             ("video", "FILE", "MP4/WebM/AVI/GIF"), ("text", "TEXT", "a string")):  # fmt: skip
+        p.add_argument(f"--{name}", dest=name, action=_Medium, metavar=meta, help=f"{what} (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per input, in input order")
 
     p = add("pipeline", cmd_pipeline, "run the notebooks headlessly (papermill) into a browsable report")
-    p.add_argument("--profile", default="quick", choices=("quick", "full"))
+    p.add_argument(
+        "--profile",
+        default="quick",
+        choices=("tiny", "quick", "full"),
+        help="quick: one seed, few steps; full: three seeds, full step counts; tiny: seconds (tests)",
+    )
     p.add_argument("--out", metavar="DIR", help="report directory (default reports/<profile>-<time>)")
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="run only this notebook and what it depends on (repeatable)",
+    )
 
     p = add("app", cmd_app, "serve the Gradio attention explorer")
     p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint directory (default: newest in runs/)")

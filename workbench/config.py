@@ -24,6 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from workbench.errors import ConfigError
+from workbench.modalities import IMAGE_SIZE, VIDEO_FRAMES, VIDEO_SIZE
 
 MODALITIES = ("image", "audio", "text", "video")
 
@@ -69,6 +70,9 @@ class DataConfig:
     fsdd_holdout_speakers: list[str] = field(default_factory=list)  # speakers kept out of training
     folders: dict[str, str] = field(default_factory=dict)  # modality -> directory, for source=folders
     pairing: str = "unpaired"  # unpaired (OmniVec2 default) | aligned (both streams show one digit)
+    scale: float = (
+        1.0  # size of the embedded benchmark, (0, 1]; tests build ~0.05 (every split still present)
+    )
     num_workers: int = 0  # DataLoader workers; 0 is fastest for these small in-memory tensors
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
@@ -83,6 +87,7 @@ class DataConfig:
         if self.audio_source == "fsdd" and not self.fsdd_dir:
             raise ConfigError("data.audio_source=fsdd needs data.fsdd_dir=DIR (an FSDD recordings/ folder)")
         _check_range("data.num_workers", self.num_workers, lo=0)
+        _check_range("data.scale", self.scale, lo=1e-6, hi=1.0)
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -96,30 +101,37 @@ class ModelConfig:
     preset: str = (
         "small"  # tiny (tests) | small (CPU default) | base (ViT-Base widths, GPUs) | seed-system presets
     )
-    dim: int = 192  # token width inside f
+    dim: int = 192  # token width inside f (tokenizer output)
     depth_f: int = 4  # transformer blocks in f
     fc_dims: list[int] = field(
         default_factory=lambda: [192, 160, 128]
-    )  # f's three FC+ReLU layers (width reduction)
+    )  # f's three FC layers (ReLU between) reducing dim -> fc_dims[-1], the width of A, g, heads' input
     depth_g: int = 2  # transformer blocks in g (at width fc_dims[-1])
     heads: int = 4  # attention heads in f, A and g
     mlp_ratio: float = 4.0  # hidden width of the GELU MLP, as a multiple of the width
     head_dim: int = 96  # width of each task head (ViT-Tiny style)
     head_depth: int = 1  # transformer blocks in each task head
     head_heads: int = 3  # attention heads in each task head
-    decoder_dim: int = 96  # masked-prediction decoders (stage 1 and 2)
-    decoder_depth: int = 1
-    dropout: float = 0.0
-    drop_path: float = 0.0
-    patch_size: int = 4  # image patches (pixels); video tubelets share it spatially
-    tubelet_frames: int = 2  # frames per video tubelet
+    decoder_dim: int = 96  # masked-prediction decoders (stage 1 and 2) and autoencoder heads
+    decoder_depth: int = 1  # transformer blocks in each decoder
+    decoder_heads: int = 3  # attention heads in each decoder
+    dropout: float = 0.0  # dropout on attention weights and MLP/projection outputs
+    drop_path: float = 0.0  # stochastic depth (max rate, linear over f's and g's blocks)
+    patch_size: int = 4  # image patches (pixels): 28x28 -> 7x7 = 49 tokens
+    video_patch: int = 8  # spatial side of a video tubelet: 32x32 frames -> 4x4 tubelets per time step
+    tubelet_frames: int = 2  # frames per video tubelet: 8 frames -> 4 time steps (4x4x4 = 64 tokens)
     n_mels: int = 64  # audio log-mel bins
-    audio_patch: list[int] = field(default_factory=lambda: [4, 16])  # (time frames, mel bins) per audio patch
-    text_vocab_size: int = 2000  # BPE vocabulary trained on the text corpus
+    audio_n_fft: int = 512  # STFT size (Hann window of the same length) at 16 kHz: 32 ms
+    audio_hop: int = 320  # STFT hop at 16 kHz: 20 ms, 101 frames for a 2 s clip
+    audio_patch: list[int] = field(
+        default_factory=lambda: [8, 16]
+    )  # (time frames, mel bins) per audio patch: 2 s -> 13 x 4 = 52 tokens
+    max_audio_seconds: float = 2.0  # longer waveforms are rejected (MediaError), never truncated
+    text_vocab_size: int = 2000  # rows of the text embedding; the trained BPE vocabulary must fit
     max_text_tokens: int = 64  # longer text is rejected, never silently truncated
     tokenizer: str = "specific"  # specific (one per modality) | unified (Meta-Transformer Data2Seq)
     task_head: str = "specific"  # specific (one per modality/task) | unified (Uni-Perceiver) | autoencoder
-    fusion: str = "hybrid"  # hybrid (OmniVec2 cross-attention) | early | late
+    fusion: str = "hybrid"  # hybrid (OmniVec2 cross-attention) | early (one joint sequence) | late (none)
 
     def __post_init__(self) -> None:
         _check_choice("model.preset", self.preset, tuple(MODEL_PRESETS))
@@ -132,11 +144,23 @@ class ModelConfig:
             "depth_g",
             "heads",
             "head_dim",
+            "head_depth",
             "head_heads",
             "decoder_dim",
+            "decoder_depth",
+            "decoder_heads",
             "patch_size",
+            "video_patch",
+            "tubelet_frames",
+            "n_mels",
+            "audio_n_fft",
+            "audio_hop",
+            "max_text_tokens",
         ):
             _check_range(f"model.{name}", getattr(self, name), lo=1)
+        _check_range("model.mlp_ratio", self.mlp_ratio, lo=0.01)
+        _check_range("model.max_audio_seconds", self.max_audio_seconds, lo=0.01)
+        _check_range("model.text_vocab_size", self.text_vocab_size, lo=5)  # 4 special ids + one piece
         if len(self.fc_dims) != 3 or min(self.fc_dims) < 1:
             raise ConfigError(
                 f"model.fc_dims={self.fc_dims} must be three positive widths (f's three FC layers)"
@@ -145,13 +169,38 @@ class ModelConfig:
             ("dim", self.dim, self.heads),
             ("fc_dims[-1]", self.fc_dims[-1], self.heads),
             ("head_dim", self.head_dim, self.head_heads),
+            ("decoder_dim", self.decoder_dim, self.decoder_heads),
         ):
             if width % heads:
                 raise ConfigError(f"model.{name}={width} is not divisible by its number of heads ({heads})")
+        for name, width in (
+            ("dim", self.dim),
+            ("head_dim", self.head_dim),
+            ("decoder_dim", self.decoder_dim),
+        ):
+            if width % 2:  # fixed sin-cos positions pair every sine with a cosine
+                raise ConfigError(f"model.{name}={width} must be even (sin-cos positional embeddings)")
         _check_range("model.dropout", self.dropout, 0.0, 1.0)
         _check_range("model.drop_path", self.drop_path, 0.0, 1.0)
-        if 28 % self.patch_size:
-            raise ConfigError(f"model.patch_size={self.patch_size} must divide the 28-pixel digit images")
+        if IMAGE_SIZE % self.patch_size:
+            raise ConfigError(f"model.patch_size={self.patch_size} must divide the {IMAGE_SIZE}-pixel images")
+        if VIDEO_SIZE % self.video_patch:
+            raise ConfigError(
+                f"model.video_patch={self.video_patch} must divide the {VIDEO_SIZE}-pixel frames"
+            )
+        if VIDEO_FRAMES % self.tubelet_frames:
+            raise ConfigError(
+                f"model.tubelet_frames={self.tubelet_frames} must divide the {VIDEO_FRAMES} video frames"
+            )
+        if len(self.audio_patch) != 2 or min(self.audio_patch) < 1:
+            raise ConfigError(f"model.audio_patch={self.audio_patch} must be two positive sizes (time, mel)")
+        if self.n_mels % self.audio_patch[1]:
+            raise ConfigError(
+                f"model.n_mels={self.n_mels} must be a multiple of the audio patch's mel size "
+                f"({self.audio_patch[1]})"
+            )
+        if self.audio_hop > self.audio_n_fft:
+            raise ConfigError(f"model.audio_hop={self.audio_hop} must not exceed model.audio_n_fft")
 
 
 # Presets are plain data so that config resolution never imports torch. `small` is the CPU default:
@@ -168,23 +217,26 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         head_heads=2,
         decoder_dim=32,
         decoder_depth=1,
+        decoder_heads=2,
         n_mels=32,
         audio_patch=[8, 8],
         text_vocab_size=300,
     ),
-    "small": {},  # the dataclass defaults
-    "base": dict(
+    "small": {},  # the dataclass defaults: ~5 M parameters, 49-64 tokens per sample and modality
+    "base": dict(  # ViT-Base f (768 wide, 12 blocks, 12 heads); A and g at 576 = 12 heads x 48
         dim=768,
         depth_f=12,
-        fc_dims=[768, 640, 512],
+        fc_dims=[768, 672, 576],
         depth_g=4,
         heads=12,
-        head_dim=192,
+        head_dim=192,  # ViT-Tiny width and heads
         head_depth=2,
         head_heads=3,
         decoder_dim=256,
         decoder_depth=2,
+        decoder_heads=8,
         mlp_ratio=4.0,
+        drop_path=0.1,
     ),
 }
 
@@ -215,7 +267,8 @@ class TrainConfig:
         default_factory=lambda: {"image": 0.75, "audio": 0.75, "video": 0.85, "text": 0.15}
     )
     balancer: str = "dwa"  # dwa (Dynamic Weight Average) | uncertainty | equal
-    dwa_temperature: float = 2.0
+    dwa_temperature: float = 2.0  # T in DWA's softmax over loss-descent rates (Liu et al. 2019)
+    balance_window: int = 20  # optimiser steps per DWA "epoch" (losses are averaged over a window)
     tracker: str = "tensorboard"  # tensorboard | trackio | mlflow | wandb | none
     out: str = ""  # run directory ("" -> runs/<stage>-<timestamp>)
 
@@ -224,7 +277,7 @@ class TrainConfig:
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16"))
         _check_choice("train.balancer", self.balancer, ("dwa", "uncertainty", "equal"))
         _check_choice("train.tracker", self.tracker, ("tensorboard", "trackio", "mlflow", "wandb", "none"))
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "balance_window"):
             _check_range(f"train.{name}", getattr(self, name), lo=1)
         for name in ("warmup_steps", "checkpoint_every", "eval_every", "clip_grad", "weight_decay"):
             _check_range(f"train.{name}", getattr(self, name), lo=0)
@@ -413,3 +466,9 @@ def save_config(cfg: Config, directory: str | Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(to_yaml(cfg))
     (directory / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def read_saved_config(path: str | Path) -> dict[str, Any]:
+    """The config part of a saved ``config.json`` (a checkpoint's also holds ``tasks`` and a format version)."""
+    saved = json.loads(Path(path).read_text())
+    return {f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved}

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from workbench.config import Config, load_config
+from workbench.config import Config, load_config, read_saved_config
 from workbench.errors import CheckpointError, ConfigError
 from workbench.paths import runs_dir
 from workbench.train.loop import TrainingDiverged, TrainResult, latest_state, train
@@ -35,16 +34,14 @@ def resolve_run(
         saved = Path(out) / "config.json"
         if not saved.is_file():
             raise ConfigError(f"--resume: {saved} does not exist; is {out!r} a run directory?")
-        base = json.loads(saved.read_text())
+        base = read_saved_config(saved)
     elif init:
         saved = Path(init) / "config.json"
         if not saved.is_file():
             raise CheckpointError(
                 f"--init {init!r}: no config.json there; pass a checkpoint directory (RUN/checkpoint)"
             )
-        base = json.loads(saved.read_text())
-        base.pop("tasks", None)
-        base.pop("format_version", None)
+        base = read_saved_config(saved)
         base.setdefault("train", {})["out"] = ""
     base.setdefault("train", {})["stage"] = stage
     cfg = load_config(files=files, overrides=overrides, base=base)

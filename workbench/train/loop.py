@@ -19,6 +19,7 @@ A run directory holds::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
@@ -130,11 +131,36 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _write_process_record(
+    run_dir: Path, accelerator: Accelerator, model: torch.nn.Module, steps: int, samples: int
+):
+    """``RUN/processes/<rank>.json``: what each process did, and a digest of its weights.
+
+    Under data parallelism every rank must end with identical weights; the digest makes that checkable.
+    """
+    digest = hashlib.sha256()
+    for p in model.state_dict().values():
+        digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    record = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "steps": steps,
+              "samples": samples, "weights_sha256": digest.hexdigest()}  # fmt: skip
+    (run_dir / "processes").mkdir(parents=True, exist_ok=True)
+    (run_dir / "processes" / f"{accelerator.process_index}.json").write_text(json.dumps(record) + "\n")
+
+
 # ------------------------------------------------------------------------------------------ train
 def train(
-    cfg: Config, out: str | Path, *, init: str | Path | None = None, resume: bool = False
-) -> TrainResult:
-    """Train stage ``cfg.train.stage`` into the run directory ``out``; return where the checkpoint is."""
+    cfg: Config,
+    out: str | Path,
+    *,
+    init: str | Path | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> TrainResult | None:
+    """Train stage ``cfg.train.stage`` into the run directory ``out``; return where the checkpoint is.
+
+    ``stop_after=k`` ends the work right after update k and its state save, as an interruption
+    would (no checkpoint, no evaluation; returns None): tests resume from there.
+    """
     from workbench.data import load_benchmark, make_loader
     from workbench.evaluate import evaluate, evaluate_masked
     from workbench.model import build_model
@@ -151,7 +177,6 @@ def train(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=t.grad_accum, sync_with_dataloader=False
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         step_scheduler_with_optimizer=False,  # we step it once per optimiser update ourselves
         # stage 3 touches two of the heads each step; the others legitimately get no gradient
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -173,9 +198,15 @@ def train(
     if init is not None and (Path(init) / "tokenizer.json").is_file():
         tokenizer = TextTokenizer.load(init, cfg.model.max_text_tokens)
     elif any(task.modality == "text" for task in bench.tasks):
-        tokenizer = TextTokenizer.train(
-            bench.text_corpus("train"), cfg.model.text_vocab_size, cfg.model.max_text_tokens
-        )
+        # Trained once on the main process and shared through the run directory, so every rank uses
+        # exactly the same vocabulary.
+        shared = run_dir / "text_tokenizer"
+        if accelerator.is_main_process and not (shared / "tokenizer.json").is_file():
+            shared.mkdir(parents=True, exist_ok=True)
+            corpus = bench.text_corpus("train")
+            TextTokenizer.train(corpus, cfg.model.text_vocab_size, cfg.model.max_text_tokens).save(shared)
+        accelerator.wait_for_everyone()
+        tokenizer = TextTokenizer.load(shared, cfg.model.max_text_tokens)
     model = build_model(cfg, bench.tasks)
     model.text_tokenizer = tokenizer
     loaded: list[str] = []
@@ -218,6 +249,7 @@ def train(
     )
     window: dict[str, list[float]] = {}
     samples, tic, started = 0, time.perf_counter(), time.perf_counter()
+    local_samples = 0
     micro = 0
     while step < t.steps:
         batches = [streams.next(key) for key in inner.plan(step, micro)]
@@ -236,6 +268,7 @@ def train(
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         samples += sum(len(b) for b in batches) * accelerator.num_processes
+        local_samples += sum(len(b) for b in batches)
         for k, v in parts.items():
             window.setdefault(k, []).append(float(v))
         micro += 1
@@ -262,13 +295,18 @@ def train(
             progress.set_postfix(loss=f"{sum(sum(v) / len(v) for v in window.values()):.3f}",
                                  sps=f"{record['samples_per_s']:.0f}")  # fmt: skip
             window, samples, tic = {}, 0, time.perf_counter()
-        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step in (t.steps, stop_after):
             state = {"step": step, "streams": streams.state(), "objective": inner.state()}
             _save_state(accelerator, run_dir, step, state, t.keep_checkpoints)
+        if stop_after is not None and step >= stop_after:
+            progress.close()
+            accelerator.end_training()
+            return None
     progress.close()
 
     seconds = time.perf_counter() - started
     model = inner.model
+    _write_process_record(run_dir, accelerator, model, step, local_samples)
     model.eval()
     if t.stage == 3:
         metrics = {split: evaluate(model, bench, split, accelerator=accelerator) for split in ("val", "test")}

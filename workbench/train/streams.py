@@ -2,9 +2,9 @@
 
 The stage objectives draw from several streams in an order decided per step, so a single
 ``skip_first_batches`` on one loader (the Accelerate resume idiom) is applied per stream: each stream
-remembers its epoch and how many batches of that epoch it has handed out. Shuffling comes from
-Accelerate's seedable sampler (seed = data seed + epoch), so epoch ``e`` of a stream is the same list
-of batches whether the run was interrupted or not.
+remembers its epoch and how many batches of that epoch it has handed out. Shuffling comes from the
+loader's epoch-seeded sampler (:class:`workbench.data.loaders.EpochShuffle`), so epoch ``e`` of a
+stream is the same list of batches whether the run was interrupted or not.
 """
 
 from __future__ import annotations
