@@ -1,0 +1,336 @@
+"""The notebook pipeline, run for real through papermill on small notebooks built here.
+
+Three kernels in all (one pipeline of two notebooks, one failing run through the CLI): ~20 s.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from workbench.cli import main
+from workbench.errors import ConfigError
+from workbench.report import NotebookFailed, NotebookSpec, run_pipeline
+from workbench.report.registry import DEFAULT_REGISTRY, validate
+
+STAGE_PARAMS = """\
+profile = "quick"
+seeds = [0]
+steps = 10
+preset = "small"
+output_dir = "scratch"
+overrides = []
+"""
+
+
+def write_notebook(path: Path, parameters: str, *cells: str, markdown: str = "") -> Path:
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell(parameters)
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell(markdown or f"# {path.stem}"), params]
+    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {
+        "name": "workbench",
+        "display_name": "Python (workbench)",
+        "language": "python",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+SETUP = """\
+import json, pathlib
+import numpy as np
+import plotly.graph_objects as go
+from workbench import notebook as wn
+cfg = wn.setup(dict(profile=profile, seeds=seeds, steps=steps, preset=preset, output_dir=output_dir,
+                    overrides=overrides))
+out = pathlib.Path(output_dir)
+"""
+
+UPSTREAM_CELLS = (
+    SETUP,
+    'ckpt = out / "run" / "checkpoint"\nckpt.mkdir(parents=True)\n'
+    '(ckpt / "config.json").write_text(json.dumps({"steps": cfg.train.steps, "preset": cfg.model.preset}))',
+    'go.Figure(go.Scatter(x=[0, 1, 2], y=[3, 1, 2], name="upstream-trace-7f3a"))',
+    'wn.image_grid(np.random.rand(3, 8, 8), titles=["a", "b", "c"])',
+    'wn.write_summary(output_dir, headline={"accuracy": 0.875, "steps": cfg.train.steps},\n'
+    '                 tables={"Upstream table": {"columns": ["model", "accuracy"], "rows": [["ours <b>", 0.875]]}})',
+)
+
+DOWNSTREAM_CELLS = (
+    SETUP,
+    'upstream = json.loads((pathlib.Path(init_checkpoint) / "config.json").read_text())\n'
+    '(out / "seen.json").write_text(json.dumps({"init_checkpoint": init_checkpoint, "upstream": upstream,\n'
+    '                                             "steps": cfg.train.steps}))',
+    'hist = out / "history.jsonl"\n'
+    'hist.write_text("\\n".join(json.dumps({"step": s, "loss/image/digit": 2.0 / s, "weight/image/digit": 1.0})\n'
+    "                          for s in range(1, 6)))\n"
+    "wn.loss_curves(hist)",
+    'wn.write_summary(output_dir, headline={"image top-1": 0.9},\n'
+    '                 tables={"Table 12 (ours)": [{"row": "multiple / specific / specific", "image": "90.3 ± 0.4"}]})',
+)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """A two-notebook pipeline plus a missing notebook and one that depends on it."""
+    root = tmp_path_factory.mktemp("pipeline")
+    nbs = root / "notebooks"
+    write_notebook(nbs / "up.ipynb", STAGE_PARAMS, *UPSTREAM_CELLS, markdown="# Upstream\nwith $x^2$ math")
+    write_notebook(nbs / "down.ipynb", STAGE_PARAMS + 'init_checkpoint = ""\n', *DOWNSTREAM_CELLS)
+    registry = (  # deliberately not in dependency order
+        NotebookSpec(
+            "13_table12",
+            "down.ipynb",
+            depends_on=("01_up",),
+            inputs={"init_checkpoint": "01_up/run/checkpoint"},
+            parameters={"tiny": {"steps": 3}},
+        ),
+        NotebookSpec("01_up", "up.ipynb", outputs=("summary.json", "run/checkpoint")),
+        NotebookSpec("05_ghost", "ghost.ipynb"),
+        NotebookSpec("06_after_ghost", "up.ipynb", depends_on=("05_ghost",)),
+    )
+    lines: list[str] = []
+    result = run_pipeline(
+        "tiny", root / "reports" / "run1", registry=registry, notebooks_dir=nbs, log=lines.append
+    )
+    return result, lines
+
+
+def test_dependency_order_and_parameter_wiring(report):
+    result, _ = report
+    run = result.run_dir
+    assert [r.name for r in result.notebooks] == ["01_up", "13_table12", "05_ghost", "06_after_ghost"]
+    up = nbformat.read(run / "01_up.ipynb", as_version=4).metadata.papermill
+    down = nbformat.read(run / "13_table12.ipynb", as_version=4).metadata.papermill
+    assert up["end_time"] <= down["start_time"]
+    seen = json.loads((run / "artifacts" / "13_table12" / "seen.json").read_text())
+    assert seen["init_checkpoint"] == str(run / "artifacts" / "01_up" / "run" / "checkpoint")
+    # the profile's steps reach the upstream config; the notebook's own parameters override them downstream
+    assert seen["upstream"] == {"steps": 2, "preset": "tiny"}
+    assert seen["steps"] == 3
+    assert up["parameters"]["output_dir"] == str(run / "artifacts" / "01_up")
+
+
+def test_statuses_of_missing_and_blocked_notebooks(report):
+    result, lines = report
+    status = {r.name: (r.status, r.reason) for r in result.notebooks}
+    assert status["01_up"][0] == status["13_table12"][0] == "ok"
+    assert status["05_ghost"] == ("missing", "ghost.ipynb does not exist yet")
+    assert status["06_after_ghost"] == ("skipped", "needs 05_ghost (missing)")
+    assert not (result.run_dir / "06_after_ghost.ipynb").exists()
+    assert any("warning: 05_ghost" in line for line in lines)
+
+
+def test_html_embeds_plotly_and_matplotlib(report):
+    result, _ = report
+    html = (result.run_dir / "01_up.html").read_text()
+    assert "plotly.js v" in html and "Plotly.newPlot" in html  # the library itself, not a CDN link
+    div = re.search(r'<div class="plotly-graph-div" id="([^"]+)"', html)
+    assert div and re.search(rf'Plotly\.newPlot\(\s*"{div[1]}",\s*\[\{{"name":"upstream-trace-7f3a"', html)
+    assert re.search(r'<img[^>]+src="data:image/png;base64,', html)
+    external = re.findall(r'<script[^>]+src="(https?://[^"]+)"', html)
+    assert all("mathjax" in url for url in external), external  # only for the markdown's $x^2$
+    down = (result.run_dir / "13_table12.html").read_text()
+    assert "loss/image/digit" not in down or "image/digit" in down
+    assert not re.findall(r'<script[^>]+src="https?://', down)  # no math in its markdown: nothing fetched
+    assert down.count("plotly.js v") == 1
+
+
+def test_image_grid_is_displayed_once(report):
+    result, _ = report
+    nb = nbformat.read(result.run_dir / "01_up.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "image_grid" in c.source)
+    assert sum("image/png" in o.get("data", {}) for o in cell.outputs) == 1
+
+
+def test_index_lists_notebooks_metrics_and_tables(report):
+    result, _ = report
+    html = result.index_html.read_text()
+    for name, status in [
+        ("01_up", "ok"),
+        ("13_table12", "ok"),
+        ("05_ghost", "missing"),
+        ("06_after_ghost", "skipped"),
+    ]:
+        assert re.search(rf"{name}.*?<span class=\"status {status}\">", html, re.S)
+    assert '<a href="01_up.html">01_up</a>' in html and "05_ghost.html" not in html
+    assert "0.875" in html and "image top-1" in html
+    assert "ours &lt;b&gt;" in html  # escaped
+    t12 = html.split("<h2>Table 12 reproduction</h2>")[1].split("<h2>")[0]
+    assert "multiple / specific / specific" in t12 and "90.3 ± 0.4" in t12
+    assert not re.search(r'(src|href)="https?://', html)  # static page, nothing fetched
+    assert "torch" in html and "profile <b>tiny</b>" in html
+    data = json.loads((result.run_dir / "index.json").read_text())
+    assert data["profile"] == "tiny" and data["machine"]["cpu_count"] >= 1
+    assert data["notebooks"][0]["summary"]["headline"] == {"accuracy": 0.875, "steps": 2}
+    latest = result.run_dir.parent / "latest"
+    assert (
+        latest.resolve() == result.run_dir or (result.run_dir.parent / "LATEST").read_text().strip() == "run1"
+    )
+
+
+# -------------------------------------------------------------------------------------- failures
+FAILING_CELLS = ('print("before-the-failure")', 'raise ValueError("boom-xyz")', 'print("never")')
+MARKER_CELLS = ('import pathlib\npathlib.Path(output_dir, "ran.txt").write_text("ran")',)
+
+
+def test_failing_notebook_stops_pipeline_via_cli(tmp_path, monkeypatch, capsys):
+    """The real registry: 01 fails; 02 (its downstream) and 10 (independent, later) never run."""
+    nbs = tmp_path / "notebooks"
+    write_notebook(nbs / "01_stage1_unimodal.ipynb", STAGE_PARAMS, *FAILING_CELLS)
+    write_notebook(nbs / "02_stage2_pairwise.ipynb", STAGE_PARAMS + 'init_checkpoint = ""\n', *MARKER_CELLS)
+    write_notebook(nbs / "10_ablation_pretraining.ipynb", STAGE_PARAMS, *MARKER_CELLS)
+    monkeypatch.setenv("WORKBENCH_NOTEBOOKS", str(nbs))
+    run = tmp_path / "reports" / "r"
+
+    assert main(["pipeline", "--profile", "tiny", "--out", str(run)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "01_stage1_unimodal" in err[0] and "ValueError: boom-xyz" in err[0]
+    assert re.search(r"in cell 4 \(In \[4\]: 'raise ValueError", err[0])
+
+    partial = nbformat.read(run / "01_stage1_unimodal.ipynb", as_version=4)
+    texts = [o.get("text", "") for c in partial.cells if c.cell_type == "code" for o in c.outputs]
+    assert any("before-the-failure" in t for t in texts) and not any("never" in t for t in texts)
+    assert "boom-xyz" in (run / "01_stage1_unimodal.html").read_text()
+    data = json.loads((run / "index.json").read_text())
+    status = {nb["name"]: nb for nb in data["notebooks"]}
+    assert status["01_stage1_unimodal"]["status"] == "failed"
+    assert status["01_stage1_unimodal"]["error"]["ename"] == "ValueError"
+    for name in ("02_stage2_pairwise", "10_ablation_pretraining"):
+        assert status[name]["status"] == "skipped" and "01_stage1_unimodal failed" in status[name]["reason"]
+        assert not (run / f"{name}.ipynb").exists() and not (run / "artifacts" / name / "ran.txt").exists()
+    assert status["00_data_tour"]["status"] == "missing"
+    assert '<span class="status failed">' in (run / "index.html").read_text()
+
+
+# ---------------------------------------------------------------------------- validation, no kernel
+def test_default_registry_is_valid():
+    by_name = validate(DEFAULT_REGISTRY)
+    assert by_name["02_stage2_pairwise"].inputs == {"init_checkpoint": "01_stage1_unimodal/run/checkpoint"}
+
+
+@pytest.mark.parametrize(
+    ("registry", "message"),
+    [
+        (
+            (NotebookSpec("a", "a.ipynb", depends_on=("bb",)), NotebookSpec("b", "b.ipynb")),
+            "did you mean 'b'",
+        ),
+        ((NotebookSpec("a", "a.ipynb", depends_on=("a",)),), "cycle"),
+        (
+            (
+                NotebookSpec("u", "u.ipynb"),
+                NotebookSpec("d", "d.ipynb", depends_on=("u",), inputs={"x": "u/run/ckpt"}),
+            ),
+            "declares no output 'run/ckpt'",
+        ),
+        (
+            (NotebookSpec("u", "u.ipynb"), NotebookSpec("d", "d.ipynb", inputs={"x": "u"})),
+            "not in its depends_on",
+        ),
+        ((NotebookSpec("a", "a.ipynb", parameters={"quik": {}}),), "did you mean 'quick'"),
+    ],
+)
+def test_bad_registry_is_rejected(tmp_path, registry, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_pipeline("tiny", tmp_path / "out", registry=registry, notebooks_dir=tmp_path, log=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_undeclared_parameter_fails_before_any_kernel(tmp_path):
+    write_notebook(tmp_path / "a.ipynb", "output_dir = ''\n", "pass")
+    spec = NotebookSpec("a", "a.ipynb", parameters={"tiny": {"stepz": 1}})
+    with pytest.raises(ConfigError, match=r"parameter 'stepz'.*does not declare it"):
+        run_pipeline("tiny", tmp_path / "out", registry=[spec], notebooks_dir=tmp_path, log=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_notebook_without_parameters_cell_is_rejected(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1")]
+    nbformat.write(nb, tmp_path / "a.ipynb")
+    with pytest.raises(ConfigError, match="no cell tagged 'parameters'"):
+        run_pipeline(
+            "tiny", tmp_path / "out", registry=[NotebookSpec("a", "a.ipynb")], notebooks_dir=tmp_path
+        )
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys):
+    assert main(["pipeline", "--only", "03_stage3_multitsk", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean '03_stage3_multitask'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_dir_that_is_not_a_report_is_refused(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a report"):
+        run_pipeline("tiny", tmp_path, registry=[NotebookSpec("a", "a.ipynb")], notebooks_dir=tmp_path / "nb")
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.browser
+def test_report_draws_plotly_offline_in_chromium(report):
+    """The HTML is self-contained: with every non-file request blocked, the figure still draws."""
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    result, _ = report
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        blocked, errors = [], []
+        page.route(
+            "**/*",
+            lambda r: (
+                r.continue_()
+                if r.request.url.startswith("file:")
+                else (blocked.append(r.request.url), r.abort())
+            ),
+        )
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((result.run_dir / "13_table12.html").as_uri())
+        page.wait_for_selector(".plotly-graph-div .scatterlayer .trace", timeout=15_000)
+        page.goto(result.index_html.as_uri())
+        assert page.locator("a[href='01_up.html']").count() == 1
+        browser.close()
+    assert blocked == [] and errors == []
+
+
+def test_only_selects_a_notebook_and_its_upstream(tmp_path):
+    registry = [
+        NotebookSpec("a", "a.ipynb"),
+        NotebookSpec("b", "b.ipynb", depends_on=("a",)),
+        NotebookSpec("c", "c.ipynb"),
+    ]
+    result = run_pipeline(
+        "tiny", tmp_path / "r", registry=registry, notebooks_dir=tmp_path, only=["b"], log=None
+    )
+    status = {r.name: (r.status, r.reason) for r in result.notebooks}
+    assert status == {
+        "a": ("missing", "a.ipynb does not exist yet"),
+        "b": ("missing", "b.ipynb does not exist yet"),
+        "c": ("skipped", "not selected (--only)"),
+    }
+
+
+def test_missing_declared_output_fails_the_notebook(tmp_path):
+    write_notebook(tmp_path / "a.ipynb", "output_dir = ''\n", "x = 1")
+    spec = NotebookSpec("a", "a.ipynb", outputs=("run/checkpoint",))
+    with pytest.raises(
+        NotebookFailed, match=r"a failed after its last cell: MissingOutput: .*run/checkpoint"
+    ) as exc:
+        run_pipeline("tiny", tmp_path / "r", registry=[spec], notebooks_dir=tmp_path, log=None)
+    assert exc.value.result.notebooks[0].status == "failed"
+    assert (tmp_path / "r" / "a.html").is_file()

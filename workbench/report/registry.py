@@ -1,0 +1,210 @@
+"""The pipeline's notebooks as data: what each one needs, what it writes, and its parameters per profile.
+
+A notebook is a :class:`NotebookSpec`. The runner (:mod:`workbench.report.pipeline`) gives every
+notebook its own artifact directory, ``<run>/artifacts/<name>/``, as the ``output_dir`` parameter.
+Checkpoints flow between notebooks through :attr:`NotebookSpec.inputs`, declared here rather than
+computed in code, e.g. ``{"init_checkpoint": "01_stage1_unimodal/run/checkpoint"}``: the parameter
+``init_checkpoint`` receives ``<run>/artifacts/01_stage1_unimodal/run/checkpoint``. The first part of
+such a path must be a notebook listed in ``depends_on``, and the rest one of that notebook's declared
+``outputs`` (or empty: its whole artifact directory), so a typo fails before anything runs.
+
+Parameters of a notebook for a profile = :data:`PROFILE_DEFAULTS` [profile] (dropped silently for a
+notebook whose ``parameters`` cell does not declare them), then ``spec.parameters[profile]``, then
+``output_dir`` and the ``inputs`` (both of which the notebook must declare).
+
+The step counts of ``quick`` and ``full`` are first guesses to be tuned once training lands (quick:
+all notebooks under 15 minutes on 2 cores; full: three seeds, the Training issue's accuracy targets).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from workbench.errors import ConfigError
+
+PROFILES = ("tiny", "quick", "full")
+
+# Shared by every notebook that declares the parameter. `tiny` is for tests: seconds per notebook.
+PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "profile": "tiny",
+        "seeds": [0],
+        "steps": 2,
+        "preset": "tiny",
+        "overrides": ["train.batch_size=8"],
+    },
+    "quick": {"profile": "quick", "seeds": [0], "steps": 150, "preset": "small", "overrides": []},
+    "full": {"profile": "full", "seeds": [0, 1, 2], "steps": 1500, "preset": "small", "overrides": []},
+}
+
+
+@dataclass(frozen=True)
+class NotebookSpec:
+    """One notebook of the pipeline.
+
+    ``path`` is relative to the notebooks directory (or absolute). ``outputs`` are paths relative to
+    the notebook's ``output_dir`` that it promises to write; the runner checks them after a run, so a
+    notebook that "succeeds" without its checkpoint fails there instead of confusing its downstream.
+    """
+
+    name: str
+    path: str
+    depends_on: tuple[str, ...] = ()
+    parameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # profile -> {param: value}
+    inputs: Mapping[str, str | Sequence[str]] = field(default_factory=dict)  # param -> "<upstream>/<output>"
+    outputs: tuple[str, ...] = ()
+    title: str = ""  # one line for the index
+
+    def parameters_for(self, profile: str) -> dict[str, Any]:
+        """This notebook's own parameters for ``profile`` (without the profile defaults or the wiring)."""
+        return dict(self.parameters.get(profile, {}))
+
+
+def _stage(name: str, path: str, title: str, upstream: str | None = None) -> NotebookSpec:
+    return NotebookSpec(
+        name=name,
+        path=path,
+        depends_on=(upstream,) if upstream else (),
+        inputs={"init_checkpoint": f"{upstream}/run/checkpoint"} if upstream else {},
+        outputs=("run/checkpoint",),
+        title=title,
+    )
+
+
+def _ablation(name: str, title: str) -> NotebookSpec:
+    return NotebookSpec(name=name, path=f"{name}.ipynb", title=title)
+
+
+# Registry order is the display order and breaks ties of the dependency order.
+DEFAULT_REGISTRY: tuple[NotebookSpec, ...] = (
+    NotebookSpec("00_data_tour", "00_data_tour.ipynb", title="Data tour: every modality, task and split"),
+    _stage("01_stage1_unimodal", "01_stage1_unimodal.ipynb", "Stage 1: unimodal masked pre-training"),
+    _stage(
+        "02_stage2_pairwise",
+        "02_stage2_pairwise.ipynb",
+        "Stage 2: pairwise masked pre-training",
+        upstream="01_stage1_unimodal",
+    ),
+    _stage(
+        "03_stage3_multitask",
+        "03_stage3_multitask.ipynb",
+        "Stage 3: multitask training",
+        upstream="02_stage2_pairwise",
+    ),
+    NotebookSpec(
+        "04_evaluation",
+        "04_evaluation.ipynb",
+        depends_on=("03_stage3_multitask",),
+        inputs={"checkpoint": "03_stage3_multitask/run/checkpoint"},
+        title="Evaluation: test metrics, errors, attention maps",
+    ),
+    _ablation("10_ablation_pretraining", "Ablation: single vs multiple pre-training modalities"),
+    _ablation("11_ablation_tokenizer", "Ablation: modality-specific vs unified tokenizer"),
+    _ablation("12_ablation_task_head", "Ablation: task-specific vs unified vs autoencoder head"),
+    NotebookSpec(
+        "13_table12",
+        "13_table12.ipynb",
+        depends_on=("10_ablation_pretraining", "11_ablation_tokenizer", "12_ablation_task_head"),
+        inputs={
+            "ablation_dirs": [
+                "10_ablation_pretraining",
+                "11_ablation_tokenizer",
+                "12_ablation_task_head",
+            ]
+        },
+        title="Table 12 reproduction (paper beside ours)",
+    ),
+)
+
+
+def default_registry() -> tuple[NotebookSpec, ...]:
+    """The registry the CLI runs (tests pass their own to :func:`~workbench.report.pipeline.run_pipeline`)."""
+    return DEFAULT_REGISTRY
+
+
+def closest_hint(word: str, choices: Iterable[str]) -> str:
+    hit = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.4)
+    return f"; did you mean {hit[0]!r}?" if hit else ""
+
+
+def check_profile(profile: str) -> None:
+    if profile not in PROFILES:
+        raise ConfigError(
+            f"unknown profile {profile!r}; choose one of {list(PROFILES)}{closest_hint(profile, PROFILES)}"
+        )
+
+
+def input_refs(spec: NotebookSpec) -> dict[str, list[str]]:
+    """``inputs`` with every value as a list of ``<upstream>/<output>`` references."""
+    return {k: [v] if isinstance(v, str) else list(v) for k, v in spec.inputs.items()}
+
+
+def validate(registry: Sequence[NotebookSpec]) -> dict[str, NotebookSpec]:
+    """Check names, dependencies and input wiring; return the specs by name. Raises ConfigError."""
+    by_name: dict[str, NotebookSpec] = {}
+    for spec in registry:
+        if spec.name in by_name:
+            raise ConfigError(f"notebook {spec.name!r} is registered twice")
+        if not spec.name or "/" in spec.name:
+            raise ConfigError(f"notebook name {spec.name!r} must be non-empty and contain no '/'")
+        by_name[spec.name] = spec
+    for spec in registry:
+        for dep in spec.depends_on:
+            if dep not in by_name:
+                raise ConfigError(
+                    f"{spec.name}: depends on unknown notebook {dep!r}{closest_hint(dep, by_name)}"
+                )
+        for profile in spec.parameters:
+            if profile not in PROFILES:
+                raise ConfigError(
+                    f"{spec.name}: parameters for unknown profile {profile!r}{closest_hint(profile, PROFILES)}"
+                )
+        for param, refs in input_refs(spec).items():
+            for ref in refs:
+                upstream, _, rest = ref.partition("/")
+                if upstream not in spec.depends_on:
+                    raise ConfigError(
+                        f"{spec.name}: input {param}={ref!r} reads from {upstream!r}, which is not in its "
+                        f"depends_on {list(spec.depends_on)}"
+                    )
+                outputs = by_name[upstream].outputs
+                if rest and rest not in outputs:
+                    raise ConfigError(
+                        f"{spec.name}: input {param}={ref!r}: {upstream} declares no output {rest!r} "
+                        f"(its outputs: {list(outputs)}){closest_hint(rest, outputs)}"
+                    )
+    topological_order(registry)  # raises on a cycle
+    return by_name
+
+
+def topological_order(registry: Sequence[NotebookSpec]) -> list[NotebookSpec]:
+    """Dependencies first; ties keep registry order (Kahn's algorithm, stable)."""
+    pending = list(registry)
+    done: set[str] = set()
+    order: list[NotebookSpec] = []
+    while pending:
+        ready = next((s for s in pending if all(d in done for d in s.depends_on)), None)
+        if ready is None:
+            raise ConfigError(f"the notebook dependencies form a cycle among {[s.name for s in pending]}")
+        order.append(ready)
+        done.add(ready.name)
+        pending.remove(ready)
+    return order
+
+
+def with_upstream(registry: Sequence[NotebookSpec], names: Iterable[str]) -> set[str]:
+    """``names`` plus everything they depend on, transitively (for ``--only``)."""
+    by_name = {s.name: s for s in registry}
+    wanted: set[str] = set()
+    stack = list(names)
+    while stack:
+        name = stack.pop()
+        if name not in by_name:
+            raise ConfigError(f"--only {name!r}: no such notebook{closest_hint(name, by_name)}")
+        if name not in wanted:
+            wanted.add(name)
+            stack.extend(by_name[name].depends_on)
+    return wanted
