@@ -140,6 +140,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from workbench.adapt import adapt, write_result
+
+    r = adapt(
+        args.checkpoint, args.dataset, args.dir, fraction=args.fraction, epochs=args.epochs, seed=args.seed
+    )
+    if args.json:
+        write_result(r, args.json)
+    print(f"{r.task} ({r.dataset}): accuracy {r.accuracy:.4f}, macro-F1 {r.macro_f1:.4f} on {r.test_samples} "
+          f"test samples; two FC layers trained on {r.train_samples} ({r.fraction:.0%}) in {r.seconds:.0f}s")  # fmt: skip
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from workbench.report import NotebookFailed, run_pipeline
 
@@ -242,6 +255,26 @@ def build_parser() -> argparse.ArgumentParser:
                              ("video", "FILE", "MP4/WebM/AVI/GIF"), ("text", "TEXT", "a string")):  # fmt: skip
         p.add_argument(f"--{name}", dest=name, action=_Medium, metavar=meta, help=f"{what} (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per input, in input order")
+
+    p = add(
+        "adapt",
+        cmd_adapt,
+        "adapt a frozen checkpoint to an unseen dataset with two FC layers (paper 4.2)",
+        "Freeze the network, train two fully connected layers on a stratified fraction of a new dataset's "
+        "training split (FSDD speech recordings, or MNIST-format IDX files such as Fashion-MNIST), and "
+        "report test accuracy.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--dataset", required=True, choices=("fsdd", "idx"))
+    p.add_argument(
+        "--dir", required=True, metavar="DIR", help="FSDD recordings/ or a directory of *-ubyte.gz"
+    )
+    p.add_argument(
+        "--fraction", type=float, default=0.1, help="share of the training split used (default 0.1)"
+    )
+    p.add_argument("--epochs", type=int, default=200, help="epochs of the two FC layers (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="write the result here")
 
     p = add("pipeline", cmd_pipeline, "run the notebooks headlessly (papermill) into a browsable report")
     p.add_argument(

@@ -477,3 +477,29 @@ def format_mean_spread(values: Iterable[float], scale: float = 1.0, digits: int 
     mean, std = mean_spread(values)
     text = f"{mean * scale:.{digits}f}"
     return f"{text} ± {std * scale:.{digits}f}" if len(values) > 1 else text
+
+
+# --------------------------------------------------------------------------------------- training
+def stage_config(cfg: Config, stage: int, init_checkpoint: str | Path | None = None) -> Config:
+    """``cfg`` for training ``stage``; with an upstream checkpoint, its network config (so the weights fit).
+
+    The same rule as ``workbench train --init``: the model section comes from the checkpoint.
+    """
+    from workbench.config import from_dict, read_saved_config, to_dict
+
+    data = to_dict(cfg)
+    if init_checkpoint:
+        data["model"] = read_saved_config(Path(init_checkpoint) / "config.json")["model"]
+    data["train"]["stage"] = stage
+    return from_dict(data)
+
+
+def fresh_dir(path: str | Path) -> Path:
+    """An empty directory at ``path`` (a notebook re-run in JupyterLab starts its run from scratch)."""
+    import shutil
+
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
