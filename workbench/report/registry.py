@@ -34,7 +34,7 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         "seeds": [0],
         "steps": 2,
         "preset": "tiny",
-        "overrides": ["train.batch_size=8"],
+        "overrides": ["train.batch_size=8", "data.scale=0.1"],
     },
     "quick": {"profile": "quick", "seeds": [0], "steps": 150, "preset": "small", "overrides": []},
     "full": {"profile": "full", "seeds": [0, 1, 2], "steps": 1500, "preset": "small", "overrides": []},
@@ -74,8 +74,14 @@ def _stage(name: str, path: str, title: str, upstream: str | None = None) -> Not
     )
 
 
-def _ablation(name: str, title: str) -> NotebookSpec:
-    return NotebookSpec(name=name, path=f"{name}.ipynb", title=title)
+def _ablation(name: str, title: str, upstream: tuple[str, ...] = ()) -> NotebookSpec:
+    return NotebookSpec(
+        name=name,
+        path=f"{name}.ipynb",
+        depends_on=upstream,
+        inputs={"ablation_dirs": list(upstream)} if upstream else {},
+        title=title,
+    )
 
 
 # Registry order is the display order and breaks ties of the dependency order.
@@ -101,9 +107,19 @@ DEFAULT_REGISTRY: tuple[NotebookSpec, ...] = (
         inputs={"checkpoint": "03_stage3_multitask/run/checkpoint"},
         title="Evaluation: test metrics, errors, attention maps",
     ),
+    # The ablation notebooks split Table 12's six rows between them and read each other's rows:
+    # 10 trains rows 1 and 6, 11 trains 2 and 5, 12 trains 3 and 4 (workbench/ablation.py).
     _ablation("10_ablation_pretraining", "Ablation: single vs multiple pre-training modalities"),
-    _ablation("11_ablation_tokenizer", "Ablation: modality-specific vs unified tokenizer"),
-    _ablation("12_ablation_task_head", "Ablation: task-specific vs unified vs autoencoder head"),
+    _ablation(
+        "11_ablation_tokenizer",
+        "Ablation: modality-specific vs unified tokenizer",
+        upstream=("10_ablation_pretraining",),
+    ),
+    _ablation(
+        "12_ablation_task_head",
+        "Ablation: task-specific vs unified vs autoencoder head",
+        upstream=("10_ablation_pretraining", "11_ablation_tokenizer"),
+    ),
     NotebookSpec(
         "13_table12",
         "13_table12.ipynb",

@@ -147,6 +147,37 @@ def _write_process_record(
     (run_dir / "processes" / f"{accelerator.process_index}.json").write_text(json.dumps(record) + "\n")
 
 
+# What a later stage takes from an earlier stage's checkpoint (METHOD.md section 2: decoders are
+# discarded after pre-training; stage 2 adds A and g; a stage-3 checkpoint also has trained heads).
+INHERITED = {
+    1: ("tokenizers", "f"),
+    2: ("tokenizers", "f", "A", "g"),
+    3: ("tokenizers", "f", "A", "g", "heads"),
+}
+
+
+def _initialise(model: torch.nn.Module, init: Path, cfg: Config) -> dict[str, int]:
+    """Load the components an ``--init`` checkpoint of stage s hands on; return tensors loaded per component.
+
+    ``task_head=autoencoder`` (Table 12 rows 1-2) starts each task head from its modality's stage-1
+    decoder, the "autoencoder" the paper fine-tunes.
+    """
+    from workbench.config import read_saved_config
+
+    init_stage = int(read_saved_config(init / "config.json").get("train", {}).get("stage", 3))
+    prefixes = INHERITED[init_stage]
+    autoencoder = cfg.model.task_head == "autoencoder" and cfg.train.stage == 3 and init_stage == 1
+    if autoencoder:
+        prefixes = (*prefixes, "decoders1")
+    names = model.load_components(init, prefixes)
+    if autoencoder:
+        model.init_heads_from_decoders()
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name.split(".")[0]] = counts.get(name.split(".")[0], 0) + 1
+    return counts
+
+
 # ------------------------------------------------------------------------------------------ train
 def train(
     cfg: Config,
@@ -209,9 +240,9 @@ def train(
         tokenizer = TextTokenizer.load(shared, cfg.model.max_text_tokens)
     model = build_model(cfg, bench.tasks)
     model.text_tokenizer = tokenizer
-    loaded: list[str] = []
+    loaded: dict[str, int] = {}
     if init is not None:
-        loaded = model.load_components(init)
+        loaded = _initialise(model, Path(init), cfg)
     objective: Objective = OBJECTIVES[t.stage](model, cfg, bench.tasks)
     objective.rank = accelerator.process_index
     optimizer, scheduler = build_optimizer(objective, cfg)
