@@ -24,7 +24,8 @@ setup: $(STAMP)  ## create .venv and install the project (skipped when up to dat
 run: $(STAMP)  ## build the data, run the quick notebook pipeline, then serve the app on :7860
 	$(VENV)/bin/workbench data build
 	$(VENV)/bin/workbench pipeline --profile quick
-	$(VENV)/bin/workbench app
+	@echo "report: reports/latest/index.html"
+	$(VENV)/bin/workbench app --checkpoint reports/latest/artifacts/03_stage3_multitask/run/checkpoint
 
 test: $(STAMP)  ## lint + every test (unit, integration, notebooks, app API, browser if chromium)
 	$(VENV)/bin/ruff check .
@@ -50,7 +51,7 @@ app: $(STAMP)  ## the Gradio app only (CHECKPOINT=dir, default the newest in run
 
 lab: $(STAMP)  ## JupyterLab with the project's kernel registered
 	$(PY) -m ipykernel install --user --name workbench --display-name "Python (workbench)"
-	cd notebooks && ../$(VENV)/bin/jupyter lab
+	$(abspath $(VENV))/bin/jupyter lab --notebook-dir=notebooks
 
 bench: $(STAMP)  ## the benchmark suite -> benchmarks/results/*.json and a markdown table
 	$(VENV)/bin/workbench bench

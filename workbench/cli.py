@@ -169,7 +169,31 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_app(args: argparse.Namespace) -> int:
-    raise _pending("app", 7)
+    """Serve apps/explorer.py (the UI lives beside the package, in the source tree) on a checkpoint."""
+    import importlib.util
+    from pathlib import Path
+
+    from workbench.paths import latest_checkpoint, runs_dir
+
+    cfg = _config(args)
+    checkpoint = args.checkpoint or cfg.app.checkpoint or latest_checkpoint()
+    if not checkpoint:
+        raise WorkbenchError(
+            f"no checkpoint found under {runs_dir()}/*/checkpoint; make one with "
+            "`workbench train --stage 3 --out runs/demo` (or `make run`), then run `workbench app` again "
+            "or pass --checkpoint runs/demo/checkpoint"
+        )
+    path = Path(__file__).resolve().parents[1] / "apps" / "explorer.py"
+    if not path.is_file():
+        raise WorkbenchError(
+            f"the app's source {path} is missing: run `workbench app` from a source checkout"
+        )
+    spec = importlib.util.spec_from_file_location("workbench_explorer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.launch(checkpoint, host=args.host, port=args.port, config_files=args.config or (),
+                  overrides=args.overrides)  # fmt: skip
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

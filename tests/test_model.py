@@ -1,0 +1,500 @@
+"""The OmniVec2 network: every preset x modality x task, gradients, masks, checkpoints, capture, silencing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+import torch
+
+from workbench.batch import Batch
+from workbench.config import load_config
+from workbench.errors import CheckpointError, ConfigError, MediaError
+from workbench.modalities import MODALITIES, SAMPLE_RATE, TaskSpec, default_tasks
+from workbench.model import OmniVec2, TextTokenizer, build_model
+from workbench.model.synthetic import synthetic_batch
+
+TASKS = default_tasks()
+PRESETS = ["tiny", "small"]
+# pairs of tasks whose union covers every task and every modality (stage-3 two-stream steps)
+PAIRS = [
+    ("image/digit", "audio/digit"),
+    ("audio/language", "text/digit"),
+    ("text/language", "video/digit"),
+    ("video/motion", "image/denoise"),
+]
+_models: dict[tuple, OmniVec2] = {}
+
+
+def model_for(preset: str = "tiny", *overrides: str, tasks=None) -> OmniVec2:
+    key = (preset, overrides, tasks is None)
+    if key not in _models or tasks is not None:
+        torch.manual_seed(0)
+        cfg = load_config(overrides=[f"model.preset={preset}", *overrides])
+        model = build_model(cfg, tasks or TASKS)
+        if tasks is not None:
+            return model.eval()
+        _models[key] = model
+    return _models[key].eval()
+
+
+def batch(key: str, n: int = 3, seed: int = 0) -> Batch:
+    task = next(t for t in TASKS if t.key == key)
+    return synthetic_batch(task, n, seed=seed, audio_seconds=0.5, text_tokens=10)
+
+
+def expected_shape(task: TaskSpec, n: int) -> tuple:
+    return (n, task.num_classes) if task.kind == "classification" else (n, *task.shape)
+
+
+# ------------------------------------------------------------------------------------ shapes, no NaN
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: t.key)
+def test_single_stream_shapes_and_finite(preset, task):
+    model = model_for(preset)
+    with torch.no_grad():
+        out = model.forward_single(batch(task.key))
+    mine = [t for t in TASKS if t.modality == task.modality]
+    assert set(out) == {t.name for t in mine}
+    for t in mine:
+        assert out[t.name].shape == expected_shape(t, 3)
+        assert torch.isfinite(out[t.name]).all()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize(("ka", "kb"), PAIRS)
+def test_two_stream_shapes_and_finite(preset, ka, kb):
+    model = model_for(preset)
+    with torch.no_grad():
+        pa, pb = model.forward_pair(batch(ka), batch(kb, seed=1))
+    assert pa.shape == expected_shape(model.tasks[ka], 3) and pb.shape == expected_shape(model.tasks[kb], 3)
+    assert torch.isfinite(pa).all() and torch.isfinite(pb).all()
+
+
+def test_base_preset_builds_and_runs_one_sample():
+    model = model_for("base")
+    assert model.parameter_counts()["f"] > 80_000_000  # ViT-Base-sized f
+    with torch.no_grad():
+        out = model.forward_single(batch("image/digit", 1))
+    assert out["digit"].shape == (1, 10) and torch.isfinite(out["digit"]).all()
+
+
+# ------------------------------------------------------------------------------------------ gradients
+def _grads_missing(model: OmniVec2, prefixes: tuple[str, ...]) -> list[str]:
+    return [
+        n
+        for n, p in model.named_parameters()
+        if n.startswith(prefixes) and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [
+        ("tiny", ()),
+        ("small", ()),
+        ("tiny", ("model.tokenizer=unified", "model.task_head=unified")),
+        ("tiny", ("model.task_head=autoencoder",)),
+        ("tiny", ("model.tokenizer=unified",)),
+    ],
+)
+def test_two_stream_training_reaches_every_parameter(preset, overrides):
+    model = model_for(preset, *overrides).train()
+    model.zero_grad()
+    for ka, kb in PAIRS:
+        a, b = batch(ka), batch(kb, seed=1)
+        pa, pb = model.forward_pair(a, b)
+        (model.task_loss(ka, pa, a.y) + model.task_loss(kb, pb, b.y)).backward()
+    assert _grads_missing(model, ("tokenizers", "f.", "A.", "g.", "heads")) == []
+    # decoders are reached through the masked paths: stage 1 per modality, stage 2 over pairs
+    model.zero_grad()
+    for m in MODALITIES:
+        model.forward_masked(batch(f"{m}/{MODALITIES[m].default_tasks[0].name}"), 0.5).loss.backward()
+    assert _grads_missing(model, ("decoders1",)) == []
+    assert _grads_missing(model, ("A.", "g.", "heads", "decoders2")) == _names(
+        model, ("A.", "g.", "heads", "decoders2")
+    )
+    model.zero_grad()
+    for ka, kb in PAIRS[:3]:  # covers all four modalities
+        oa, ob = model.forward_masked_pair(batch(ka), batch(kb, seed=1), 0.5, 0.5)
+        (oa.loss + ob.loss).backward()
+    assert _grads_missing(model, ("decoders2", "A.", "g.")) == []
+    model.zero_grad()
+
+
+def _names(model, prefixes):
+    return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
+
+
+# ----------------------------------------------------------------------------------- masks and padding
+@pytest.mark.parametrize("key", ["audio/digit", "text/digit"])
+def test_padding_does_not_change_a_sample(key):
+    """A short clip/sentence gives the same outputs alone as inside a batch padded for a longer one."""
+    model = model_for("tiny")
+    full = batch(key, 3)
+    short = Batch(
+        full.modality, full.task, full.x[2:3, : int(full.lengths[2])], full.y[2:3], full.lengths[2:3]
+    )
+    with torch.no_grad():
+        together = model.forward_single(full)
+        alone = model.forward_single(short)
+    for name in alone:
+        torch.testing.assert_close(together[name][2:3], alone[name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("key", ["image/digit", "audio/digit", "text/digit", "video/digit"])
+def test_masked_outputs_line_up_with_the_input_tokens(key):
+    model = model_for("tiny")
+    b = batch(key, 3)
+    with torch.no_grad():
+        out = model.forward_masked(b, 0.75, generator=torch.Generator().manual_seed(0))
+    p = model.patchers[b.modality](b.x, b.lengths)
+    assert out.mask.shape == p.values.shape[:2] and out.pred.shape[:2] == out.mask.shape
+    assert out.target.shape == (
+        p.values.shape if not model.patchers[b.modality].discrete else p.values.shape[:2]
+    )
+    assert out.mask.sum() > 0 and torch.isfinite(out.loss) and torch.isfinite(out.pred).all()
+
+
+def test_kept_padding_slots_cannot_leak_removed_tokens():
+    """Variable-length rows keep different counts; the extra kept slots hold removed tokens, which
+    neither f (key padding) nor the decoder (mask token overwrite) may read."""
+    from workbench.model.masking import random_masking
+
+    model = model_for("tiny")
+    torch.manual_seed(0)
+    lengths = torch.tensor([12, 8, 3])
+    padding = torch.arange(12)[None] >= lengths[:, None]
+    x = torch.randn(3, 12, model.config.model.dim)
+    coords = torch.arange(12.0)[:, None]
+
+    def run(tokens):
+        m = random_masking(tokens, 0.5, padding, generator=torch.Generator().manual_seed(3))
+        z = model.f(m.kept, m.kept_padding)
+        return m, model.decoders1["audio"](z, coords, padding, m)
+
+    with torch.no_grad():
+        m, pred = run(x)
+        assert m.kept_padding.any()  # rows 1 and 2 keep fewer than row 0
+        hidden = (m.mask.bool() | padding)[..., None]
+        _, pred2 = run(torch.where(hidden, torch.randn_like(x) * 10, x))
+    valid = ~padding
+    torch.testing.assert_close(pred[valid], pred2[valid], atol=1e-5, rtol=0)
+
+
+def test_masked_loss_is_scored_exactly_on_removed_tokens():
+    model = model_for("tiny").train()
+    for key in ("image/digit", "audio/digit", "text/digit"):
+        b = batch(key, 3)
+        out = model.forward_masked(b, 0.6, generator=torch.Generator().manual_seed(2))
+        pred = out.pred.detach().requires_grad_(True)
+        rerun = model._masked_output(b.modality, pred, _visible_like(out))
+        torch.testing.assert_close(rerun.loss, out.loss)
+        rerun.loss.backward()
+        touched = pred.grad.abs().sum(-1) > 0  # (B, N)
+        assert torch.equal(touched, out.mask.bool()), key
+        padding = model.patchers[b.modality](b.x, b.lengths).padding
+        if padding is not None:
+            assert not out.mask.bool()[padding].any()
+
+
+def _visible_like(out):
+    class V:  # the fields _masked_output reads
+        target, mask = out.target, out.mask
+
+    return V
+
+
+def test_removed_pixels_cannot_leak_into_the_prediction():
+    """Changing only the removed (and padded) tokens' pixels leaves every prediction identical."""
+    model = model_for("tiny")
+    b = batch("image/digit", 3)
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    with torch.no_grad():
+        out = model.forward_masked(b, 0.75, generator=gen())
+        removed = out.mask.bool().view(3, 7, 7).repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None]
+        x2 = torch.where(removed, torch.rand_like(b.x), b.x)
+        out2 = model.forward_masked(Batch(b.modality, b.task, x2, b.y), 0.75, generator=gen())
+    assert torch.equal(out.mask, out2.mask)
+    torch.testing.assert_close(out.pred, out2.pred, atol=1e-6, rtol=0)
+    assert not torch.allclose(out.target, out2.target)
+
+
+def test_audio_masking_with_variable_lengths_keeps_no_padding():
+    model = model_for("tiny")
+    b = batch("audio/digit", 4)
+    with torch.no_grad():
+        out = model.forward_masked(b, 0.9, generator=torch.Generator().manual_seed(0))
+    padding = model.patchers["audio"](b.x, b.lengths).padding
+    valid = (~padding).sum(1)
+    assert torch.equal(out.mask.sum(1).long(), valid - (valid * 0.1).floor().long().clamp(min=1))
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+def _tokenizer() -> TextTokenizer:
+    texts = ["one two three four five", "eins zwei drei vier", "un deux trois", "uno dos tres cuatro"] * 5
+    return TextTokenizer.train(texts, vocab_size=120)
+
+
+def test_save_load_reproduces_outputs_exactly(tmp_path):
+    model = model_for("tiny", "model.task_head=unified")
+    model.text_tokenizer = _tokenizer()
+    model.save_pretrained(tmp_path / "ckpt", model.config)
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    }
+    loaded = OmniVec2.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == model.config and loaded.tasks == model.tasks
+    assert loaded.text_tokenizer.vocab_size == model.text_tokenizer.vocab_size
+    with torch.no_grad():
+        for key in ("image/denoise", "audio/digit", "text/language", "video/motion"):
+            a, b = model.forward_single(batch(key)), loaded.forward_single(batch(key))
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        pa = model.forward_pair(batch("image/digit"), batch("text/digit"))
+        pb = loaded.forward_pair(batch("image/digit"), batch("text/digit"))
+        assert torch.equal(pa[0], pb[0]) and torch.equal(pa[1], pb[1])
+    model.text_tokenizer = None
+
+
+def test_mismatched_checkpoints_are_refused(tmp_path):
+    model = model_for("tiny")
+    good = tmp_path / "good"
+    model.save_pretrained(good)
+
+    def variant(name: str, edit) -> str:
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        meta = json.loads((d / "config.json").read_text())
+        edit(meta)
+        (d / "config.json").write_text(json.dumps(meta))
+        return d
+
+    wider = variant("wider", lambda m: m["model"].update(dim=64))
+    with pytest.raises(CheckpointError, match="shape"):
+        OmniVec2.from_pretrained(wider)
+    fewer = variant("fewer", lambda m: m.update(tasks=[t for t in m["tasks"] if t["modality"] != "video"]))
+    with pytest.raises(CheckpointError, match="lacks"):
+        OmniVec2.from_pretrained(fewer)
+    alien = variant(
+        "alien",
+        lambda m: m["tasks"].append(
+            {"modality": "smell", "name": "x", "kind": "classification", "labels": ["a"], "shape": []}
+        ),
+    )
+    with pytest.raises(CheckpointError, match="smell"):
+        OmniVec2.from_pretrained(alien)
+    unified = variant("unified", lambda m: m["model"].update(tokenizer="unified"))
+    with pytest.raises(CheckpointError, match="missing"):
+        OmniVec2.from_pretrained(unified)
+    with pytest.raises(CheckpointError, match="no head for task"):
+        OmniVec2.from_pretrained(
+            good, expect_tasks=[TaskSpec("image", "colour", "classification", ("r", "g"))]
+        )
+    with pytest.raises(CheckpointError, match=r"config\.json is missing"):
+        OmniVec2.from_pretrained(tmp_path)
+    (good / "model.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(CheckpointError):
+        OmniVec2.from_pretrained(good)
+
+
+def test_load_components_copies_backbone_not_heads_or_decoders(tmp_path):
+    stage1 = model_for("tiny")
+    stage1.save_pretrained(tmp_path / "s1")
+    torch.manual_seed(1)
+    later = build_model(stage1.config, TASKS)
+    loaded = later.load_components(tmp_path / "s1")
+    assert loaded and all(k.split(".")[0] in ("tokenizers", "f", "A", "g") for k in loaded)
+    s1, s2 = stage1.state_dict(), later.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in loaded)
+    assert not torch.equal(s1["decoders1.image.out.weight"], s2["decoders1.image.out.weight"])
+    assert not torch.equal(s1["heads.image/digit.out.weight"], s2["heads.image/digit.out.weight"])
+    wider = build_model(load_config(overrides=["model.preset=tiny", "model.dim=64"]), TASKS)
+    with pytest.raises(CheckpointError, match="shape"):
+        wider.load_components(tmp_path / "s1")
+
+
+def test_text_tokenizer_must_fit_the_embedding():
+    model = build_model(load_config(overrides=["model.preset=tiny", "model.text_vocab_size=50"]), TASKS)
+    with pytest.raises(ConfigError, match="text_vocab_size"):
+        model.text_tokenizer = _tokenizer()
+
+
+# --------------------------------------------------------------------------------- capture, silencing
+def test_capture_names_shapes_and_no_effect_on_outputs():
+    model = model_for("tiny")
+    a, b = batch("image/digit", 2), batch("audio/digit", 2, seed=1)
+    with torch.no_grad():
+        plain = model.forward_pair(a, b)
+        with model.capture_attention() as maps:
+            captured = model.forward_pair(a, b)
+        after = model.forward_pair(a, b)
+    for x, y in zip(plain, captured):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)  # explicit path == fused path
+    assert len(maps) == len(dict(maps))
+    Na, Nb = 49, model.patchers["audio"](b.x, b.lengths).values.shape[1]
+    h = model.config.model.heads
+    assert maps["f.0[i]"].shape == (2, h, Na, Na) and maps["f.0[j]"].shape == (2, h, Nb, Nb)
+    assert maps["A.i<-j"].shape == (2, h, Na, Nb) and maps["A.j<-i"].shape == (2, h, Nb, Na)
+    assert maps["g.0"].shape == (2, h, Na + Nb, Na + Nb)
+    assert maps["A.back.i"].shape == (2, h, Na, Na) and maps["A.back.j"].shape == (2, h, Nb, Nb)
+    assert maps["head.image/digit.0[i]"].shape == (2, model.config.model.head_heads, 1 + Na, 1 + Na)
+    assert "head.audio/digit.0[j]" in maps
+    # padded audio tokens receive no attention
+    padding = model.patchers["audio"](b.x, b.lengths).padding
+    assert (maps["A.i<-j"][1][:, :, padding[1]] == 0).all()
+    assert all(torch.equal(x, y) for x, y in zip(plain, after))  # the fast path is back
+    with torch.no_grad(), model.capture_attention() as single:
+        model.forward_single(a)
+    assert {"f.0", "g.0", "head.image/digit.0", "head.image/denoise.0"} <= set(single)
+    assert not any(k.startswith("A.") for k in single)  # single stream: no cross-attention
+
+
+def test_silencing_a_head_changes_only_that_head():
+    model = model_for("tiny", "model.depth_f=2")
+    b = batch("image/digit", 2)
+    with torch.no_grad():
+        plain = model.forward_single(b)
+        with model.capture_attention(outputs=True) as ref:
+            base = model.forward_single(b)
+        with model.silence_heads([("f", 1, 0)]), model.capture_attention(outputs=True) as sil:
+            silenced = model.forward_single(b)
+        restored = model.forward_single(b)
+        with model.silence_heads([("f", 1, 0)]):
+            fast = model.forward_single(b)  # SDPA path with the head silenced
+    torch.testing.assert_close(fast["digit"], silenced["digit"], atol=1e-5, rtol=0)
+    out_ref, out_sil = ref.outputs["f.1"], sil.outputs["f.1"]
+    assert (out_sil[:, 0] == 0).all() and not (out_ref[:, 0] == 0).all()
+    assert torch.equal(out_sil[:, 1:], out_ref[:, 1:])  # the other head of that layer is identical
+    assert torch.equal(sil["f.1"], ref["f.1"]) and torch.equal(sil["f.0"], ref["f.0"])  # maps unchanged
+    assert torch.equal(sil.outputs["f.0"], ref.outputs["f.0"])  # earlier layer untouched
+    assert not torch.equal(sil.outputs["g.0"], ref.outputs["g.0"])  # later layers see the change
+    assert not torch.allclose(silenced["digit"], base["digit"])
+    assert torch.equal(restored["digit"], plain["digit"])  # leaving the context restores every head
+    with pytest.raises(ConfigError, match="no attention layer"), model.silence_heads([("f", 9, 0)]):
+        pass
+    with pytest.raises(ConfigError, match="heads"), model.silence_heads([("g", 0, 99)]):
+        pass
+    layout = model.attention_layout()
+    assert layout["f"] == (2, 2) and layout["A"] == (2, 2) and layout["head.image/digit"] == (1, 2)
+
+
+def test_capture_and_silencing_are_per_thread():
+    """One shared model serving two threads: probing in one leaves the other's forward untouched."""
+    model = model_for("tiny")
+    mine, theirs = batch("image/digit", 2), batch("image/digit", 3, seed=4)
+    out = {}
+
+    def other_thread():
+        with torch.no_grad():
+            out["theirs"] = model.forward_single(theirs)["digit"]
+
+    with torch.no_grad():
+        plain = model.forward_single(theirs)["digit"]
+        with model.silence_heads([("f", 0, 0), ("g", 0, 1)]), model.capture_attention() as maps:
+            silenced = model.forward_single(mine)["digit"]
+            worker = threading.Thread(target=other_thread)
+            worker.start()
+            worker.join()
+    assert torch.equal(out["theirs"], plain)  # no silencing, fast path
+    assert maps["f.0"].shape[0] == 2  # only this thread's forward was recorded
+    assert torch.isfinite(silenced).all()
+
+
+# --------------------------------------------------------------------------------- variants and CLI
+@pytest.mark.parametrize("fusion", ["early", "late"])
+def test_other_fusion_strategies_run(fusion):
+    model = model_for("tiny", f"model.fusion={fusion}")
+    assert model.A is None and "A" not in model.parameter_counts()
+    with torch.no_grad():
+        pa, pb = model.forward_pair(batch("text/digit"), batch("video/motion"))
+        oa, ob = model.forward_masked_pair(batch("text/digit"), batch("video/motion"), 0.2, 0.8)
+    assert pa.shape == (3, 10) and pb.shape == (3, 8) and torch.isfinite(oa.loss) and torch.isfinite(ob.loss)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model.tokenizer=unified",),
+        ("model.task_head=unified",),
+        ("model.task_head=autoencoder",),
+        ("model.tokenizer=unified", "model.task_head=autoencoder"),
+    ],
+)
+def test_ablation_variants_run_every_task_end_to_end(overrides):
+    model = model_for("tiny", *overrides)
+    with torch.no_grad():
+        for m in MODALITIES:
+            b = batch(f"{m}/{MODALITIES[m].default_tasks[0].name}")
+            out = model.forward_single(b)
+            for name, pred in out.items():
+                assert (
+                    pred.shape == expected_shape(model.tasks[f"{m}/{name}"], 3) and torch.isfinite(pred).all()
+                )
+            assert torch.isfinite(model.forward_masked(b, 0.5).loss)
+    if "model.tokenizer=unified" in overrides:
+        assert list(dict(model.tokenizers.named_parameters())) == ["weight", "bias"]  # one shared projection
+
+
+def test_unified_head_scores_shared_label_embeddings():
+    model = model_for("tiny", "model.task_head=unified")
+    head = model.heads
+    assert head.label_index["image/digit"] == head.label_index["audio/digit"]  # "7" is one point for all
+    assert len(head.label_names) == 10 + 5 + 8  # digits, languages, directions
+    with torch.no_grad():
+        head.label_embed[head.label_names.index("3")] = 0.0  # a zero embedding scores 0 in cosine space
+        out = model.forward_single(batch("video/digit"))["digit"]
+    assert torch.all(out[:, 3] == 0) and not torch.all(out == 0)
+
+
+def test_autoencoder_heads_start_from_the_stage1_decoder():
+    model = model_for("tiny", "model.task_head=autoencoder")
+    model.init_heads_from_decoders()
+    head, dec = model.heads["audio/language"], model.decoders1["audio"]
+    assert torch.equal(head.body.blocks[0].attn.qkv.weight, dec.body.blocks[0].attn.qkv.weight)
+
+
+def test_user_tasks_build_their_own_heads():
+    tasks = [
+        TaskSpec("image", "colour", "classification", ("red", "green", "blue")),
+        TaskSpec("image", "upscale", "dense", shape=(1, 56, 56)),
+        TaskSpec("audio", "pitch", "dense", shape=(3,)),
+    ]
+    model = model_for("tiny", tasks=tasks)
+    assert model.modalities == ["image", "audio"] and model.token_numel["image/upscale"] == 64
+    with torch.no_grad():
+        out = model.forward_single(synthetic_batch(tasks[0], 2))
+        audio = model.forward_single(synthetic_batch(tasks[2], 2, audio_seconds=0.3))
+    assert (
+        out["colour"].shape == (2, 3)
+        and out["upscale"].shape == (2, 1, 56, 56)
+        and audio["pitch"].shape == (2, 3)
+    )
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        model.forward_single(batch("text/digit"))
+
+
+def test_too_long_audio_is_refused_not_truncated():
+    model = model_for("tiny")
+    n = int(model.config.model.max_audio_seconds * SAMPLE_RATE) + SAMPLE_RATE // 10
+    with pytest.raises(MediaError, match="at most"):
+        model.forward_single(
+            Batch("audio", "digit", torch.zeros(1, n), torch.zeros(1).long(), torch.tensor([n]))
+        )
+
+
+def test_cli_model_prints_components_and_token_counts(capsys):
+    from workbench.cli import main
+
+    assert main(["model", "--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    counts = model_for("tiny").parameter_counts()
+    for name in ("tokenizers", "f", "A", "g", "heads", "decoders1", "total"):
+        assert name in out
+    assert f"{counts['total']:,}" in out
+    for m in MODALITIES:
+        assert m in out
+    assert main(["model", "--preset", "nope"]) == 2

@@ -1,0 +1,206 @@
+"""Model building blocks: masking invariants, fused == explicit attention, log-mel, patching, limits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.config import load_config
+from workbench.errors import MediaError
+from workbench.modalities import SAMPLE_RATE
+from workbench.model.attention import Attention, capture_attention
+from workbench.model.audio import frames_for, log_mel, mel_filterbank
+from workbench.model.masking import bert_corruption, keep_counts, random_masking, unshuffle
+from workbench.model.patching import (
+    AudioPatcher,
+    ImagePatcher,
+    TextPatcher,
+    VideoPatcher,
+    patchify_2d,
+    sincos_embedding,
+    unpatchify_2d,
+)
+
+
+def _padding(lengths: list[int], N: int) -> torch.Tensor:
+    return torch.arange(N)[None] >= torch.tensor(lengths)[:, None]
+
+
+# -------------------------------------------------------------------------------------------- masking
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75, 0.95])
+@pytest.mark.parametrize("lengths", [None, [10, 7, 3, 1]])
+def test_random_masking_invariants(ratio, lengths):
+    B, N, D = 4, 10, 3
+    x = torch.arange(B * N * D, dtype=torch.float32).view(B, N, D)  # every token unique
+    padding = None if lengths is None else _padding(lengths, N)
+    valid = torch.full((B,), N) if lengths is None else torch.tensor(lengths)
+    g = torch.Generator().manual_seed(0)
+    m = random_masking(x, ratio, padding, generator=g)
+
+    n_keep = keep_counts(valid, ratio)
+    assert torch.equal(n_keep, torch.minimum((valid * (1 - ratio)).floor().long().clamp(min=1), valid))
+    assert m.kept.shape == (B, int(n_keep.max()), D)
+    assert torch.equal((~m.kept_padding).sum(1), n_keep)  # kept count per row
+    # the kept tokens are the tokens at ids_keep
+    assert torch.equal(m.kept, torch.gather(x, 1, m.ids_keep[..., None].expand(-1, -1, D)))
+    # ids_restore is a permutation and inverts the shuffle: unshuffling puts every kept token back in place
+    assert torch.equal(m.ids_restore.sort(1).values, torch.arange(N).expand(B, N))
+    fill = torch.full((1, 1, D), -1.0)
+    restored = unshuffle(m.kept, m.kept_padding, fill, m.ids_restore)
+    kept_here = restored[..., 0] >= 0  # (B, N) positions that got a real token back
+    assert torch.equal(restored[kept_here], x[kept_here])
+    # 0 keep, 1 remove: the mask is 0 exactly where a token was kept, 1 on every other real token
+    real = torch.ones(B, N, dtype=torch.bool) if padding is None else ~padding
+    assert torch.equal(m.mask.bool(), real & ~kept_here)
+    assert torch.equal(m.mask.sum(1).long(), valid - n_keep)
+    # padding is never kept and never predicted
+    if padding is not None:
+        kept_ids = m.ids_keep[~m.kept_padding]
+        rows = torch.arange(B)[:, None].expand_as(m.ids_keep)[~m.kept_padding]
+        assert not padding[rows, kept_ids].any()
+        assert not m.mask.bool()[padding].any()
+
+
+def test_random_masking_is_reproducible_with_a_generator():
+    x = torch.randn(3, 20, 4)
+    a = random_masking(x, 0.6, generator=torch.Generator().manual_seed(5))
+    b = random_masking(x, 0.6, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.ids_restore, b.ids_restore) and torch.equal(a.mask, b.mask)
+
+
+def test_bert_corruption_selects_only_real_tokens_and_splits_8_1_1():
+    B, N, V = 64, 40, 500
+    ids = torch.randint(4, V, (B, N))
+    lengths = torch.randint(5, N + 1, (B,))
+    padding = torch.arange(N)[None] >= lengths[:, None]
+    ids = ids.masked_fill(padding, 0)
+    corrupted, mask = bert_corruption(ids, 0.15, 2, (4, V), padding, torch.Generator().manual_seed(1))
+    sel = mask.bool()
+    assert torch.equal(sel.sum(1), (lengths * 0.15).round().long().clamp(min=1))
+    assert not sel[padding].any()
+    assert torch.equal(corrupted[~sel], ids[~sel])  # unselected tokens untouched
+    frac_mask = (corrupted[sel] == 2).float().mean().item()
+    frac_same = (corrupted[sel] == ids[sel]).float().mean().item()
+    assert 0.72 < frac_mask < 0.88 and 0.04 < frac_same < 0.18
+    assert ((corrupted[sel] >= 4) | (corrupted[sel] == 2)).all()  # random ids skip the special ids
+
+
+# ------------------------------------------------------------------------------------------ attention
+@pytest.mark.parametrize("cross", [False, True])
+def test_fused_attention_equals_explicit_with_padding(cross):
+    torch.manual_seed(0)
+    B, Q, K, dim, kv_dim = 3, 7, 9, 32, 24
+    att = Attention(dim, 4, kv_dim=kv_dim if cross else None, cross=cross).eval()
+    x = torch.randn(B, Q, dim)
+    ctx = torch.randn(B, K, kv_dim) if cross else None
+    Kn = K if cross else Q
+    padding = _padding([Kn, Kn - 2, 1], Kn)
+    fused = att(x, ctx, padding)
+    with capture_attention(att) as maps:
+        explicit = att(x, ctx, padding)
+    weights = maps[""]
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=0)
+    assert weights.shape == (B, 4, Q, Kn)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(B, 4, Q))
+    assert (weights.permute(0, 2, 1, 3)[padding[:, None, None, :].expand(B, Q, 4, Kn)] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------ audio
+def test_mel_filterbank_is_a_partition_of_unity_and_tone_lands_in_its_bin():
+    n_mels, n_fft = 64, 512
+    fb, centres = mel_filterbank(n_mels, n_fft, SAMPLE_RATE)
+    assert fb.shape == (n_mels, n_fft // 2 + 1)
+    assert (fb.sum(1) > 0).all()  # no empty filter
+    bins = torch.linspace(0, SAMPLE_RATE / 2, n_fft // 2 + 1)
+    inside = (bins >= centres[0]) & (bins <= centres[-1])
+    torch.testing.assert_close(fb[:, inside].sum(0), torch.ones(int(inside.sum())), atol=1e-5, rtol=0)
+    assert torch.all(centres[1:] > centres[:-1])
+
+    cfg = load_config(overrides=["model.preset=small"]).model
+    patcher = AudioPatcher(cfg)
+    for f0 in (300.0, 1000.0, 3000.0):
+        t = torch.arange(SAMPLE_RATE) / SAMPLE_RATE
+        wave = torch.sin(2 * math.pi * f0 * t)[None]
+        spec = log_mel(
+            wave, torch.tensor([SAMPLE_RATE]), patcher.window, patcher.fb, cfg.audio_n_fft, cfg.audio_hop
+        )
+        loudest = spec[0, 5:-5].mean(0).argmax().item()  # the mel bin with the most energy
+        nearest = (patcher.mel_centres - f0).abs().argmin().item()
+        assert abs(loudest - nearest) <= 1, (f0, loudest, nearest)
+
+
+def test_stft_power_matches_a_numpy_reference_frame():
+    n_fft, hop = 512, 320
+    g = torch.Generator().manual_seed(0)
+    wave = torch.randn(1, 4000, generator=g)
+    window = torch.hann_window(n_fft)
+    spec = torch.stft(wave, n_fft, hop, window=window, center=True, pad_mode="constant", return_complex=True)
+    assert spec.shape[-1] == frames_for(4000, hop)
+    k = 5  # frame k is centred on sample k * hop
+    padded = np.pad(wave[0].numpy(), n_fft // 2)
+    frame = padded[k * hop : k * hop + n_fft] * window.numpy()
+    ref = np.abs(np.fft.rfft(frame)) ** 2
+    np.testing.assert_allclose(spec[0, :, k].abs().square().numpy(), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_audio_patches_do_not_depend_on_batch_padding():
+    cfg = load_config(overrides=["model.preset=tiny"]).model
+    patcher = AudioPatcher(cfg)
+    g = torch.Generator().manual_seed(3)
+    short = torch.randn(1, 7000, generator=g)
+    alone = patcher(short, torch.tensor([7000]))
+    batch = torch.zeros(2, 20000)
+    batch[0] = torch.randn(20000, generator=g)
+    batch[1, :7000] = short[0]
+    both = patcher(batch, torch.tensor([20000, 7000]))
+    n = alone.values.shape[1]
+    torch.testing.assert_close(both.values[1, :n], alone.values[0], atol=1e-5, rtol=0)
+    assert both.padding is not None and not both.padding[1, :n].any() and both.padding[1, n:].all()
+
+
+# ------------------------------------------------------------------------------------------ patching
+def test_patchify_unpatchify_are_inverse():
+    x = torch.randn(2, 3, 28, 28)
+    v = patchify_2d(x, 4)
+    assert v.shape == (2, 49, 48)
+    assert torch.equal(unpatchify_2d(v, 3, 4, 4, 7, 7), x)
+    cfg = load_config(overrides=["model.preset=tiny"]).model
+    img = ImagePatcher(cfg)
+    assert torch.equal(img.unpatchify(img(x[:, :1]).values, (1, 28, 28)), x[:, :1])
+    vid = VideoPatcher(cfg)
+    clip = torch.rand(2, 8, 1, 32, 32)
+    p = vid(clip)
+    assert p.values.shape == (2, 64, 2 * 8 * 8) and p.grid == (4, 4, 4)
+    assert torch.equal(vid.unpatchify(p.values, (8, 1, 32, 32)), clip)
+    # the first tubelet holds frames 0-1, rows 0-7, columns 0-7
+    assert torch.equal(p.values[0, 0].view(2, 8, 8), clip[0, :2, 0, :8, :8])
+
+
+def test_sincos_positions_are_distinct_and_bounded():
+    coords = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(5.0), indexing="ij"), -1).view(-1, 2)
+    pe = sincos_embedding(coords, 32)
+    assert pe.shape == (20, 32) and pe.abs().max() <= 1
+    assert torch.cdist(pe, pe).add(torch.eye(20)).min() > 0.1
+
+
+def test_inputs_beyond_the_limits_raise_media_error():
+    cfg = load_config(overrides=["model.preset=tiny"]).model
+    audio = AudioPatcher(cfg)
+    too_long = int(cfg.max_audio_seconds * SAMPLE_RATE) + 1
+    with pytest.raises(MediaError, match="max_audio_seconds"):
+        audio(torch.zeros(1, too_long), torch.tensor([too_long]))
+    text = TextPatcher(cfg)
+    with pytest.raises(MediaError, match="max_text_tokens"):
+        text(torch.full((1, cfg.max_text_tokens + 1), 5), None)
+    with pytest.raises(MediaError, match="vocabulary"):
+        text(torch.tensor([[5, cfg.text_vocab_size]]), None)
+    with pytest.raises(MediaError, match="image batch"):
+        ImagePatcher(cfg)(torch.zeros(1, 3, 28, 28))
+    # padding beyond the limit is fine: only the valid samples count
+    ok = audio(torch.zeros(1, too_long + 100), torch.tensor([SAMPLE_RATE]))
+    assert ok.values.shape[1] == math.ceil(frames_for(SAMPLE_RATE, cfg.audio_hop) / cfg.audio_patch[0]) * (
+        cfg.n_mels // cfg.audio_patch[1]
+    )

@@ -1,0 +1,289 @@
+"""Per-modality reshaping of a batch's ``x`` into a sequence of patches, before any learned weight.
+
+A *patcher* is the parameter-free half of a tokenizer: it checks the input against the tensor contract
+of :mod:`workbench.modalities`, cuts it into patches on a token grid, reports which tokens are padding,
+and gives each token its grid coordinates. The learned half (a projection plus positions) lives in
+:mod:`workbench.model.tokenizers`; both the modality-specific and the unified tokenizer sit on these
+same patchers, so the two ablation variants differ only in what they learn.
+
+This module is where modalities are registered for the network (:data:`PATCHERS`); everything else in
+``workbench.model`` iterates over it. A patcher is either a *signal* (numeric values: masked by
+dropping tokens, target = per-patch normalised values) or *discrete* (ids: masked by BERT corruption,
+target = the ids).
+
+``patchify``/``unpatchify`` are an exact inverse pair (MAE habit); the layout inside a patch is
+(time, row, column, channel) flattened, tokens are in row-major grid order (time/rows first), so
+padding of variable-length inputs (audio frames) is always at the end of a row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from workbench.config import ModelConfig
+from workbench.errors import MediaError
+from workbench.modalities import IMAGE_SIZE, SAMPLE_RATE, VIDEO_FRAMES, VIDEO_SIZE
+from workbench.model.audio import frames_for, log_mel, mel_filterbank
+from workbench.model.text_tokenizer import MASK_ID, SPECIAL_TOKENS
+
+
+@dataclass
+class Patches:
+    values: Tensor  # (B, N, P) float patches for signals, (B, N) int64 ids for discrete inputs
+    padding: Tensor | None  # (B, N) bool, True = padding; None when every row is full
+    grid: tuple[int, ...]  # token grid, N = prod(grid), row-major
+    coords: Tensor  # (N, len(grid)) float: grid coordinates of each token (for positions)
+
+
+def grid_coords(grid: tuple[int, ...], device=None) -> Tensor:
+    """(prod(grid), len(grid)) float coordinates of a row-major grid."""
+    axes = torch.meshgrid(*[torch.arange(n, device=device, dtype=torch.float32) for n in grid], indexing="ij")
+    return torch.stack([a.reshape(-1) for a in axes], dim=-1)
+
+
+def sincos_embedding(coords: Tensor, dim: int) -> Tensor:
+    """Fixed sin-cos positions (Vaswani et al.; MAE's 2-D variant generalised to k axes): (N, k) -> (N, dim).
+
+    The width is split over the axes (each part even, the first axis takes the remainder); each part is
+    ``[sin(c * w), cos(c * w)]`` with frequencies ``w_i = 10000^(-i / (part/2))``.
+    """
+    k = coords.shape[1]
+    part = (dim // (2 * k)) * 2
+    sizes = [dim - part * (k - 1)] + [part] * (k - 1)
+    out = []
+    for axis, size in enumerate(sizes):
+        half = size // 2
+        omega = 1.0 / 10000 ** (torch.arange(half, device=coords.device, dtype=torch.float32) / max(half, 1))
+        angle = coords[:, axis : axis + 1].float() * omega[None]  # (N, half)
+        out += [torch.sin(angle), torch.cos(angle)]
+    return torch.cat(out, dim=-1)  # (N, dim)
+
+
+def normalise_patches(values: Tensor) -> Tensor:
+    """Per-patch zero mean, unit variance (MAE's ``norm_pix_loss`` target): (..., P) -> (..., P)."""
+    mean = values.mean(dim=-1, keepdim=True)
+    var = values.var(dim=-1, keepdim=True)
+    return (values - mean) / (var + 1e-6) ** 0.5
+
+
+class Patcher(nn.Module):
+    """Base class. Subclasses set ``discrete``, ``patch_numel`` (signals) and ``max_tokens``."""
+
+    discrete = False
+    patch_numel = 0
+    max_tokens = 0
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Patches:
+        raise NotImplementedError
+
+    def target(self, values: Tensor) -> Tensor:
+        """The masked-prediction target of each token: normalised patch values, or the ids themselves."""
+        return values if self.discrete else normalise_patches(values.float())
+
+    def dense_numel(self, shape: tuple[int, ...]) -> int | None:
+        """Values per token for a dense target of per-sample ``shape`` laid out on this token grid, or
+        None when the target is not a picture on the grid (dense heads then predict from the pooled token)."""
+        return None
+
+    def unpatchify(self, values: Tensor, shape: tuple[int, ...]) -> Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The token grid in words (for ``workbench model``)."""
+        return ""
+
+
+class ImagePatcher(Patcher):
+    """(B, 1, 28, 28) -> 7x7 grid of 4x4 patches (patch_size=4): values (B, 49, 16)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.p = cfg.patch_size
+        self.g = IMAGE_SIZE // self.p
+        self.patch_numel = self.p * self.p
+        self.max_tokens = self.g * self.g
+
+    def describe(self) -> str:
+        return f"{self.g} x {self.g} patches of {self.p}x{self.p} pixels, 2-D positions"
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Patches:
+        if x.ndim != 4 or tuple(x.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
+            raise MediaError(
+                f"an image batch must be (B, 1, {IMAGE_SIZE}, {IMAGE_SIZE}) grey pixels; got {tuple(x.shape)}"
+            )
+        values = patchify_2d(x.float(), self.p)  # (B, N, p*p*C)
+        return Patches(values, None, (self.g, self.g), grid_coords((self.g, self.g), x.device))
+
+    def dense_numel(self, shape: tuple[int, ...]) -> int | None:
+        if len(shape) == 3 and shape[1] % self.g == 0 and shape[2] % self.g == 0:
+            return shape[0] * (shape[1] // self.g) * (shape[2] // self.g)
+        return None
+
+    def unpatchify(self, values: Tensor, shape: tuple[int, ...]) -> Tensor:
+        C, H, W = shape
+        return unpatchify_2d(values, C, H // self.g, W // self.g, self.g, self.g)
+
+
+def patchify_2d(x: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) -> (B, (H/p)*(W/p), p*p*C), patch layout (row, col, channel)."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify_2d(values: Tensor, C: int, ph: int, pw: int, gh: int, gw: int) -> Tensor:
+    """Inverse of :func:`patchify_2d`: (B, gh*gw, ph*pw*C) -> (B, C, gh*ph, gw*pw)."""
+    B = values.shape[0]
+    x = values.reshape(B, gh, gw, ph, pw, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, gh * ph, gw * pw)
+
+
+class VideoPatcher(Patcher):
+    """(B, 8, 1, 32, 32) -> tubelets of tubelet_frames x p x p: a (T/t, 32/p, 32/p) grid, 3-D coordinates."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.t, self.p = cfg.tubelet_frames, cfg.video_patch
+        self.grid = (VIDEO_FRAMES // self.t, VIDEO_SIZE // self.p, VIDEO_SIZE // self.p)
+        self.patch_numel = self.t * self.p * self.p
+        self.max_tokens = math.prod(self.grid)
+
+    def describe(self) -> str:
+        return (
+            f"{' x '.join(map(str, self.grid))} tubelets of {self.t} frames x {self.p}x{self.p} pixels, "
+            "3-D positions"
+        )
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Patches:
+        want = (VIDEO_FRAMES, 1, VIDEO_SIZE, VIDEO_SIZE)
+        if x.ndim != 5 or tuple(x.shape[1:]) != want:
+            raise MediaError(
+                f"a video batch must be (B, {', '.join(map(str, want))}) frames; got {tuple(x.shape)}"
+            )
+        values = patchify_3d(x.float(), self.t, self.p)
+        return Patches(values, None, self.grid, grid_coords(self.grid, x.device))
+
+    def dense_numel(self, shape: tuple[int, ...]) -> int | None:
+        gt, gh, gw = self.grid
+        if len(shape) == 4 and shape[0] % gt == 0 and shape[2] % gh == 0 and shape[3] % gw == 0:
+            return shape[0] // gt * shape[1] * (shape[2] // gh) * (shape[3] // gw)
+        return None
+
+    def unpatchify(self, values: Tensor, shape: tuple[int, ...]) -> Tensor:
+        T, C, H, W = shape
+        gt, gh, gw = self.grid
+        B = values.shape[0]
+        x = values.reshape(B, gt, gh, gw, T // gt, H // gh, W // gw, C)
+        return x.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(B, T, C, H, W)
+
+
+def patchify_3d(x: Tensor, t: int, p: int) -> Tensor:
+    """(B, T, C, H, W) -> (B, (T/t)*(H/p)*(W/p), t*p*p*C), patch layout (time, row, col, channel)."""
+    B, T, C, H, W = x.shape
+    x = x.reshape(B, T // t, t, C, H // p, p, W // p, p)
+    return x.permute(0, 1, 4, 6, 2, 5, 7, 3).reshape(B, (T // t) * (H // p) * (W // p), t * p * p * C)
+
+
+class AudioPatcher(Patcher):
+    """(B, L) waveform + lengths -> normalised log-mel (B, frames, n_mels) -> (time x mel) patches.
+
+    Grid (time patches, mel patches), time-major. A row's tokens are padding when their time patch
+    starts after the row's last STFT frame. Waveforms longer than ``model.max_audio_seconds`` raise
+    MediaError (never truncated).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_fft, self.hop = cfg.audio_n_fft, cfg.audio_hop
+        self.pt, self.pf = cfg.audio_patch
+        self.gf = cfg.n_mels // self.pf
+        self.max_samples = round(cfg.max_audio_seconds * SAMPLE_RATE)
+        self.max_seconds = cfg.max_audio_seconds
+        self.patch_numel = self.pt * self.pf
+        self.max_tokens = math.ceil(frames_for(self.max_samples, self.hop) / self.pt) * self.gf
+        fb, centres = mel_filterbank(cfg.n_mels, self.n_fft, SAMPLE_RATE)
+        self.register_buffer("fb", fb, persistent=False)  # (n_mels, n_fft//2+1), rebuilt from the config
+        self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
+        self.register_buffer("mel_centres", centres, persistent=False)
+
+    def describe(self) -> str:
+        return (
+            f"up to {self.max_tokens // self.gf} x {self.gf} patches of {self.pt} frames x {self.pf} mel "
+            f"bins ({self.max_seconds:g} s), time-frequency positions"
+        )
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Patches:
+        if x.ndim != 2:
+            raise MediaError(f"an audio batch must be (B, samples) mono waveforms; got {tuple(x.shape)}")
+        B, L = x.shape
+        lengths = torch.full((B,), L, device=x.device) if lengths is None else lengths.to(x.device).long()
+        longest, shortest = int(lengths.max()), int(lengths.min())
+        if longest > self.max_samples:
+            raise MediaError(
+                f"the audio is {longest / SAMPLE_RATE:.2f} s long; the model takes at most "
+                f"{self.max_seconds:g} s (model.max_audio_seconds): trim it"
+            )
+        if shortest < 1 or longest > L:
+            raise MediaError(f"audio lengths must be in [1, {L}] samples; got {lengths.tolist()}")
+        spec = log_mel(x[:, :longest], lengths, self.window, self.fb, self.n_fft, self.hop)  # (B, T, n_mels)
+        valid_t = (frames_for(lengths, self.hop) + self.pt - 1) // self.pt  # (B,) time patches per row
+        gt = int(valid_t.max())
+        T = gt * self.pt
+        spec = spec[:, :T] if spec.shape[1] >= T else nn.functional.pad(spec, (0, 0, 0, T - spec.shape[1]))
+        values = spec.reshape(B, gt, self.pt, self.gf, self.pf).permute(0, 1, 3, 2, 4)  # (B, gt, gf, pt, pf)
+        values = values.reshape(B, gt * self.gf, self.patch_numel)  # (B, N, pt*pf)
+        t_of_token = torch.arange(gt, device=x.device).repeat_interleave(self.gf)  # (N,)
+        padding = t_of_token[None] >= valid_t[:, None]  # (B, N)
+        grid = (gt, self.gf)
+        return Patches(values, padding if padding.any() else None, grid, grid_coords(grid, x.device))
+
+
+class TextPatcher(Patcher):
+    """(B, N) BPE ids + lengths -> the ids themselves, one token each, 1-D coordinates."""
+
+    discrete = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.vocab_size = cfg.text_vocab_size
+        self.max_tokens = cfg.max_text_tokens
+        self.mask_id = MASK_ID
+        self.random_ids = (len(SPECIAL_TOKENS), cfg.text_vocab_size)  # BERT's random replacements
+
+    def describe(self) -> str:
+        return f"up to {self.max_tokens} BPE sub-words, 1-D positions, padding mask"
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Patches:
+        if x.ndim != 2 or x.dtype != torch.long:
+            raise MediaError(f"a text batch must be (B, N) int64 token ids; got {tuple(x.shape)} {x.dtype}")
+        N = x.shape[1]
+        lengths = (x != 0).sum(1) if lengths is None else lengths.to(x.device).long()
+        longest = int(lengths.max())
+        if longest > self.max_tokens:
+            raise MediaError(
+                f"the text is {longest} tokens long; the model takes at most {self.max_tokens} "
+                "(model.max_text_tokens): shorten it"
+            )
+        if int(lengths.min()) < 1 or longest > N:
+            raise MediaError(f"text lengths must be in [1, {N}] tokens; got {lengths.tolist()}")
+        ids = x[:, :longest]
+        if int(ids.max()) >= self.vocab_size or int(ids.min()) < 0:
+            raise MediaError(
+                f"token id {int(ids.max())} is outside the model's text vocabulary ({self.vocab_size} ids): "
+                "the text tokenizer does not match this model"
+            )
+        padding = torch.arange(longest, device=x.device)[None] >= lengths[:, None]  # (B, N)
+        return Patches(ids, padding if padding.any() else None, (longest,), grid_coords((longest,), x.device))
+
+
+# The network's modality registry: one patcher per modality in workbench.modalities.MODALITIES.
+PATCHERS: dict[str, type[Patcher]] = {
+    "image": ImagePatcher,
+    "audio": AudioPatcher,
+    "text": TextPatcher,
+    "video": VideoPatcher,
+}

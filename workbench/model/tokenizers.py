@@ -1,0 +1,97 @@
+"""The learned half of tokenization: patches (from :mod:`workbench.model.patching`) -> width-``dim`` tokens.
+
+Two variants, chosen by ``model.tokenizer``:
+
+``specific`` (OmniVec2): one projection per modality (a linear map of its patch values, or an embedding
+table for text ids) plus positions that fit the modality: 2-D (row, column) for images, 2-D (time,
+mel) for audio, 3-D (time, row, column) for video tubelets, 1-D for text. Positions are fixed sin-cos
+(MAE, AudioMAE), so variable-length audio and text need no position table.
+
+``unified`` (the Meta-Transformer / Data2Seq ablation): ONE projection shared by every modality,
+applied to a modality-agnostic reshaping of the input, with modality-agnostic 1-D positions (the
+token's index in the sequence). The reshaping turns every token into one vector of the same space
+R^(S + V):
+
+* numeric signals (image 4x4 pixel patches, audio 8x16 log-mel patches, video 2x8x8 tubelets: the
+  same parameter-free patchers as above) fill the first S slots with their P <= S values, zero-padded
+  to S = the largest patch size;
+* text ids are one-hot vectors in the last V slots (V = ``model.text_vocab_size``). Ids are categories,
+  not numbers: projecting the id *value* (7 vs 8) would impose a meaningless order and scale, and
+  one-hot is the only modality-agnostic numeric form of a category. A one-hot vector times the
+  projection is a row lookup, so text costs an embedding lookup, not a (S+V)-wide matmul.
+
+The shared weight is one (S + V, dim) matrix with one bias, so ``x_token = [values | one-hot] @ W + b``
+for every modality; zero padding and one-hot are never materialised (``values @ W[:P]`` and ``W[S + id]``
+compute the same product).
+
+Initialisation keeps token content on the scale of the inputs (LeCun normal for patch projections,
+N(0, 1) embedding rows), comparable to the unit-amplitude positions; the transformer default (std 0.02)
+would make content ~30x smaller than position and training stalls. No LayerNorm follows the projection:
+on blank patches (most of an MNIST digit's background) the projected vector is ~constant and a LayerNorm
+there divides by ~0, which blew up the gradients in our runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from workbench.model.patching import Patcher, Patches, grid_coords, sincos_embedding
+
+
+class SpecificTokenizers(nn.ModuleDict):
+    """``{modality: nn.Linear(P, dim) | nn.Embedding(V, dim)}`` with modality-shaped positions."""
+
+    def __init__(self, patchers: dict[str, Patcher], dim: int, vocab_size: int):
+        super().__init__(
+            {
+                m: nn.Embedding(vocab_size, dim) if p.discrete else nn.Linear(p.patch_numel, dim)
+                for m, p in patchers.items()
+            }
+        )
+        self.dim = dim
+
+    def reset_parameters(self) -> None:
+        """Unit-gain init: token content on the scale of the inputs, comparable to the positions."""
+        for proj in self.values():
+            if isinstance(proj, nn.Embedding):
+                nn.init.normal_(proj.weight)  # N(0, 1) rows
+            else:
+                nn.init.normal_(proj.weight, std=proj.in_features**-0.5)  # LeCun
+                nn.init.zeros_(proj.bias)
+
+    def embed(self, modality: str, patches: Patches) -> tuple[Tensor, Tensor]:
+        """-> tokens (B, N, dim) with positions added, and the coordinates used (N, k)."""
+        x = self[modality](patches.values)  # (B, N, dim)
+        return x + sincos_embedding(patches.coords, self.dim).to(x.dtype), patches.coords
+
+
+class UnifiedTokenizer(nn.Module):
+    """One shared projection ``W`` (S + V, dim), ``b`` (dim,) for every modality; 1-D positions."""
+
+    def __init__(self, patchers: dict[str, Patcher], dim: int, vocab_size: int):
+        super().__init__()
+        signals = [p.patch_numel for p in patchers.values() if not p.discrete]
+        self.signal_width = max(signals, default=0)  # S
+        self.vocab = vocab_size if any(p.discrete for p in patchers.values()) else 0  # V
+        self.discrete = {m: p.discrete for m, p in patchers.items()}
+        self.weight = nn.Parameter(torch.empty(self.signal_width + self.vocab, dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.dim = dim
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """LeCun init over the whole signal width S for the signal rows, N(0, 1) rows for the ids."""
+        with torch.no_grad():
+            nn.init.normal_(self.weight[: self.signal_width], std=max(self.signal_width, 1) ** -0.5)
+            nn.init.normal_(self.weight[self.signal_width :])
+
+    def embed(self, modality: str, patches: Patches) -> tuple[Tensor, Tensor]:
+        v = patches.values
+        if self.discrete[modality]:
+            x = F.embedding(v, self.weight[self.signal_width :]) + self.bias  # one-hot(id) @ W[S:] + b
+        else:
+            x = v @ self.weight[: v.shape[-1]] + self.bias  # [v | 0...0] @ W[:S] + b
+        coords = grid_coords((v.shape[1],), v.device)  # (N, 1): the token's index, whatever the input
+        return x + sincos_embedding(coords, self.dim).to(x.dtype), coords
