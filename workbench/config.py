@@ -250,7 +250,7 @@ class TrainConfig:
     steps: int = 1000  # optimiser updates
     batch_size: int = 64  # samples per update per process (split over the two streams in stages 2-3)
     grad_accum: int = 1  # micro-batches per optimiser update
-    lr: float = 1e-3  # peak learning rate (AdamW)
+    lr: float = 3e-4  # peak learning rate (AdamW); 1e-3 is unstable for `small` (gradient spikes in f)
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 50  # linear warm-up, then cosine decay
