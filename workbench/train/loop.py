@@ -68,19 +68,17 @@ def warmup_cosine(warmup: int, total: int, floor: float):
 
 
 def build_optimizer(
-    module: torch.nn.Module, cfg: Config
+    objective: Objective, cfg: Config
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW without weight decay on biases, norms, embeddings and positions (1-D parameters), as in ViT/MAE."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "pos" in name or "embed" in name else decay).append(p)
+    """AdamW with the network's own decay groups (no decay on biases, norms, tokens, label embeddings;
+    ViT/MAE habit) plus the objective's extra parameters (e.g. uncertainty weights), undecayed."""
     t = cfg.train
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr,
-        betas=tuple(t.betas),
-    )
+    groups = objective.model.optimizer_groups(t.weight_decay)
+    own = {id(p) for g in groups for p in g["params"]}
+    extra = [p for p in objective.parameters() if p.requires_grad and id(p) not in own]
+    if extra:
+        groups.append({"params": extra, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(t.warmup_steps, t.steps, t.min_lr_ratio)
     )
