@@ -181,7 +181,7 @@ class Explorer:
 
         Returns a list with one ``workbench predict --json`` object per medium given (image, audio,
         text, video order): ``{"input", "modality", "tasks": {task: {"label", "top": [[label, p], ...]}
-        | {"psnr_to_input"}}, "latency_ms"}``.
+        | {"psnr"}}, "latency_ms"}``.
         """
         media = self._media(image, audio, text, video)
         if not media:

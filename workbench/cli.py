@@ -135,7 +135,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if "top" in out:
                 parts.append(f"{task}={out['label']} ({out['top'][0][1]:.2f})")
             else:
-                parts.append(f"{task}: psnr to input {out['psnr_to_input']:.1f} dB")
+                parts.append(f"{task}: PSNR to the input {out['psnr']:.1f} dB")
         print(f"{src} [{modality}] " + ", ".join(parts) + f"  ({pred.latency_ms:.1f} ms)", flush=True)
     return 0
 

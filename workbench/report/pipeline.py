@@ -166,6 +166,9 @@ def _kernel_manager_logging_to(log_path: Path) -> type:
             # editable install can otherwise resolve `workbench` to a namespace package).
             env = dict(kw.get("env") or os.environ)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SOURCE_ROOT), env.get("PYTHONPATH", "")]))
+            # Notebooks skip live ipywidgets when no browser is attached (an Output widget's
+            # clear_output can leave nbclient waiting forever) and show static galleries instead.
+            env["WORKBENCH_HEADLESS"] = "1"
             kw["env"] = env
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with log_path.open("ab") as fh:  # the child keeps its own copy of the descriptor
