@@ -168,15 +168,17 @@ def test_patchify_unpatchify_are_inverse():
     assert v.shape == (2, 49, 48)
     assert torch.equal(unpatchify_2d(v, 3, 4, 4, 7, 7), x)
     cfg = load_config(overrides=["model.preset=tiny"]).model
-    img = ImagePatcher(cfg)
-    assert torch.equal(img.unpatchify(img(x[:, :1]).values, (1, 28, 28)), x[:, :1])
+    img = ImagePatcher(cfg)  # standardises pixels with model.image_norm before patching
+    mean, std = cfg.image_norm
+    torch.testing.assert_close(img.unpatchify(img(x[:, :1]).values, (1, 28, 28)), (x[:, :1] - mean) / std)
     vid = VideoPatcher(cfg)
     clip = torch.rand(2, 8, 1, 32, 32)
     p = vid(clip)
     assert p.values.shape == (2, 64, 2 * 8 * 8) and p.grid == (4, 4, 4)
-    assert torch.equal(vid.unpatchify(p.values, (8, 1, 32, 32)), clip)
+    clip = (clip - cfg.video_norm[0]) / cfg.video_norm[1]
+    torch.testing.assert_close(vid.unpatchify(p.values, (8, 1, 32, 32)), clip)
     # the first tubelet holds frames 0-1, rows 0-7, columns 0-7
-    assert torch.equal(p.values[0, 0].view(2, 8, 8), clip[0, :2, 0, :8, :8])
+    torch.testing.assert_close(p.values[0, 0].view(2, 8, 8), clip[0, :2, 0, :8, :8])
 
 
 def test_sincos_positions_are_distinct_and_bounded():

@@ -127,17 +127,32 @@ class ModelConfig:
         default_factory=lambda: [8, 16]
     )  # (time frames, mel bins) per audio patch: 2 s -> 13 x 4 = 52 tokens
     max_audio_seconds: float = 2.0  # longer waveforms are rejected (MediaError), never truncated
+    image_norm: list[float] = field(
+        default_factory=lambda: [0.131, 0.308]
+    )  # (mean, std) of image pixels in [0, 1], subtracted/divided before patching (MNIST's)
+    video_norm: list[float] = field(
+        default_factory=lambda: [0.033, 0.133]
+    )  # (mean, std) of video pixels (the embedded moving digits: mostly black frames)
     text_vocab_size: int = 2000  # rows of the text embedding; the trained BPE vocabulary must fit
     max_text_tokens: int = 64  # longer text is rejected, never silently truncated
     tokenizer: str = "specific"  # specific (one per modality) | unified (Meta-Transformer Data2Seq)
     task_head: str = "specific"  # specific (one per modality/task) | unified (Uni-Perceiver) | autoencoder
     fusion: str = "hybrid"  # hybrid (OmniVec2 cross-attention) | early (one joint sequence) | late (none)
+    moe_experts: int = 0  # experts per mixture-of-experts feed-forward layer (IMP); 0 = dense MLPs everywhere
+    moe_top_k: int = 2  # experts each token is routed to (Switch/GShard top-k, gates renormalised)
+    moe_every: int = 2  # every n-th block of the f+g stack (counted from 1 across f then g) is MoE
+    moe_aux_weight: float = 0.01  # weight of the Switch load-balancing loss E * sum_e f_e * P_e
 
     def __post_init__(self) -> None:
         _check_choice("model.preset", self.preset, tuple(MODEL_PRESETS))
         _check_choice("model.tokenizer", self.tokenizer, ("specific", "unified"))
         _check_choice("model.task_head", self.task_head, ("specific", "unified", "autoencoder"))
         _check_choice("model.fusion", self.fusion, ("hybrid", "early", "late"))
+        _check_range("model.moe_experts", self.moe_experts, lo=0)
+        _check_range("model.moe_every", self.moe_every, lo=1)
+        _check_range("model.moe_aux_weight", self.moe_aux_weight, lo=0.0)
+        if self.moe_experts:
+            _check_range("model.moe_top_k", self.moe_top_k, 1, self.moe_experts)
         for name in (
             "dim",
             "depth_f",
@@ -161,6 +176,10 @@ class ModelConfig:
         _check_range("model.mlp_ratio", self.mlp_ratio, lo=0.01)
         _check_range("model.max_audio_seconds", self.max_audio_seconds, lo=0.01)
         _check_range("model.text_vocab_size", self.text_vocab_size, lo=5)  # 4 special ids + one piece
+        for name in ("image_norm", "video_norm"):
+            value = getattr(self, name)
+            if len(value) != 2 or value[1] <= 0:
+                raise ConfigError(f"model.{name}={value} must be [mean, std] with std > 0")
         if len(self.fc_dims) != 3 or min(self.fc_dims) < 1:
             raise ConfigError(
                 f"model.fc_dims={self.fc_dims} must be three positive widths (f's three FC layers)"
@@ -238,6 +257,20 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         mlp_ratio=4.0,
         drop_path=0.1,
     ),
+    # IMP (Akbari et al. 2023): one modality-agnostic encoder with mixture-of-experts feed-forward
+    # layers. `small` widths; the shared (unified) tokenizer and no fusion layers leave the task heads
+    # (one block each) as the only modality-specific parts. Train it with train.schedule=alternating
+    # (configs/imp.yaml): one (modality, task) per update, input resolution varied between updates.
+    "imp": dict(
+        tokenizer="unified",
+        task_head="specific",
+        head_depth=1,
+        fusion="late",
+        moe_experts=4,
+        moe_top_k=2,
+        moe_every=2,
+        moe_aux_weight=0.01,
+    ),
 }
 
 
@@ -256,7 +289,7 @@ class TrainConfig:
     warmup_steps: int = 50  # linear warm-up, then cosine decay
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
     clip_grad: float = 1.0  # max gradient norm; 0 disables clipping
-    mixed_precision: str = "no"  # no | bf16 (autocast; fast on AVX-512-bf16 CPUs and on GPUs)
+    mixed_precision: str = "auto"  # auto (bf16 where the hardware has native bf16, else no) | no | bf16
     checkpoint_every: int = 0  # save Accelerate state every N updates (0: only at the end)
     keep_checkpoints: int = 2  # most recent states kept under RUN/state/
     eval_every: int = 0  # validation every N updates (0: only at the end)
@@ -267,6 +300,8 @@ class TrainConfig:
         default_factory=lambda: {"image": 0.75, "audio": 0.75, "video": 0.85, "text": 0.15}
     )
     balancer: str = "dwa"  # dwa (Dynamic Weight Average) | uncertainty | equal
+    schedule: str = "pairs"  # stage 3: pairs (OmniVec2: two streams per update) | alternating (IMP: one)
+    vary_resolution: bool = True  # alternating: image grid, video frames, audio length drawn per update
     dwa_temperature: float = 2.0  # T in DWA's softmax over loss-descent rates (Liu et al. 2019)
     balance_window: int = 20  # optimiser steps per DWA "epoch" (losses are averaged over a window)
     tracker: str = "tensorboard"  # tensorboard | trackio | mlflow | wandb | none
@@ -274,8 +309,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_choice("train.stage", self.stage, (1, 2, 3))
-        _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16"))
+        _check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         _check_choice("train.balancer", self.balancer, ("dwa", "uncertainty", "equal"))
+        _check_choice("train.schedule", self.schedule, ("pairs", "alternating"))
         _check_choice("train.tracker", self.tracker, ("tensorboard", "trackio", "mlflow", "wandb", "none"))
         for name in ("steps", "batch_size", "grad_accum", "log_every", "balance_window"):
             _check_range(f"train.{name}", getattr(self, name), lo=1)

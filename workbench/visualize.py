@@ -29,7 +29,8 @@ def picture(model, batch: Batch, values: Tensor, grid: tuple[int, ...]) -> Tenso
     patcher = model.patchers[batch.modality]
     if batch.modality == "audio":
         return _to_grid(values, grid, (patcher.pt, patcher.pf))
-    return patcher.unpatchify(values, tuple(batch.x.shape[1:]))
+    pixels = values * patcher.std + patcher.mean  # undo the patcher's standardisation
+    return patcher.unpatchify(pixels, tuple(batch.x.shape[1:]))
 
 
 @torch.no_grad()
