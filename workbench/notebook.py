@@ -489,7 +489,11 @@ def stage_config(cfg: Config, stage: int, init_checkpoint: str | Path | None = N
 
     data = to_dict(cfg)
     if init_checkpoint:
-        data["model"] = read_saved_config(Path(init_checkpoint) / "config.json")["model"]
+        saved = Path(init_checkpoint) / "config.json"
+        if not saved.is_file():  # the same refusal as `workbench train --init`
+            raise CheckpointError(f"init_checkpoint={str(init_checkpoint)!r} is not a checkpoint directory "
+                                  "(no config.json); pass RUN/checkpoint of the upstream stage")  # fmt: skip
+        data["model"] = read_saved_config(saved)["model"]
     data["train"]["stage"] = stage
     return from_dict(data)
 
