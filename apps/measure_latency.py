@@ -13,30 +13,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import gradio as gr
+from bench_app import _free_port, _trivial  # the same trivial app the benchmark suite measures against
 from gradio_client import Client, handle_file
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _trivial() -> gr.Blocks:
-    with gr.Blocks(analytics_enabled=False) as demo:
-        f, t, out = gr.File(), gr.Textbox(), gr.JSON()
-        gr.Button().click(
-            lambda x: [{"input": Path(x["path"]).name}], f, out, api_name="file", preprocess=False
-        )
-        gr.Button().click(lambda x: [{"input": x}], t, out, api_name="text")
-    return demo
 
 
 def _stats(ms: list[float]) -> dict[str, float]:

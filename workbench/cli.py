@@ -197,7 +197,20 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    raise _pending("bench", 9)
+    import shlex
+
+    from workbench.bench import run_bench
+
+    run_bench(
+        args.quick,
+        args.out,
+        threads=args.threads,
+        only=args.only or (),
+        pipeline_seconds=args.pipeline_seconds,
+        test_seconds=args.test_seconds,
+        command=shlex.join(["workbench", *args.argv]),
+    )
+    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -321,9 +334,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port (default 7860)")
     _add_config_args(p)
 
-    p = add("bench", cmd_bench, "run the benchmark suite")
-    p.add_argument("--quick", action="store_true", help="a smoke run (used by make test)")
-    p.add_argument("--out", metavar="FILE", help="results JSON (default benchmarks/results/<time>.json)")
+    p = add(
+        "bench",
+        cmd_bench,
+        "run the benchmark suite",
+        "Measure the machine's matmul roof, each stage's training step (samples/s, MFU), our f against "
+        "transformers' ViT and nn.TransformerEncoder, bf16 vs fp32, inference latency, the app's round "
+        "trip and scaling; write the JSON, a markdown table and a plot (see benchmarks/README.md).",
+    )
+    p.add_argument("--quick", action="store_true", help="a smoke run at minimal sizes (used by make test)")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="results JSON; the table (.md) and plot (-scaling.png) go beside it "
+        "(default benchmarks/results/<time>.json, and a full run refreshes benchmarks/latest.md)",
+    )
+    p.add_argument(
+        "--threads", type=int, metavar="N", help="torch threads (default: the faster of 1 and all, probed)"
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="SECTION",
+        help="run only this section (repeatable): roof, training, peers, precision, inference, app, "
+        "scaling, walltime, profile",
+    )
+    p.add_argument(
+        "--pipeline-seconds",
+        type=float,
+        metavar="S",
+        help="measured wall time of the quick pipeline (default: read from the newest reports/quick-*)",
+    )
+    p.add_argument("--test-seconds", type=float, metavar="S", help="measured wall time of `make test`")
 
     p = add("config", cmd_config, "print the resolved config (defaults <- preset <- files <- overrides)")
     _add_config_args(p)
@@ -333,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.handler(args) or 0)
     except WorkbenchError as err:
