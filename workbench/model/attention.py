@@ -150,7 +150,11 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (BERT/ViT): x + attn(LN(x)), then x + MLP(LN(x)) with GELU."""
+    """Pre-norm transformer block (BERT/ViT): x + attn(LN(x)), then x + MLP(LN(x)) with GELU.
+
+    :meth:`use_moe` swaps the dense MLP for top-k routed experts (IMP; :mod:`workbench.model.moe`),
+    which also receive the padding mask (padding tokens are not routed). Dense blocks are untouched.
+    """
 
     def __init__(
         self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, drop_path: float = 0.0
@@ -159,9 +163,21 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout=dropout)
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, mlp_ratio, dropout)
         self.drop_path = DropPath(drop_path)
+        self.moe = False
+        self._mlp_shape = (dim, mlp_ratio, dropout)
+
+    def use_moe(self, experts: int, top_k: int) -> None:
+        """Replace the dense MLP by ``experts`` routed MLPs of the same shape (freshly initialised)."""
+        from workbench.model.moe import MoEFeedForward  # moe.py builds on this module
+
+        dim, ratio, dropout = self._mlp_shape
+        self.mlp = MoEFeedForward(dim, ratio, experts, top_k, dropout)
+        self.moe = True
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), key_padding_mask=padding))
+        if self.moe:
+            return x + self.drop_path(self.mlp(self.norm2(x), padding))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -182,8 +198,21 @@ class Transformer(nn.Module):
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear stochastic-depth decay
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, r) for r in rates)
         self.norm = nn.LayerNorm(dim)
+        self.name = name
         for i, block in enumerate(self.blocks):
             block.attn.name = f"{name}.{i}"
+
+    def use_moe(self, blocks: Iterable[int], experts: int, top_k: int) -> list[str]:
+        """Make the given blocks mixture-of-experts blocks (those already MoE are kept); return their
+        names ``<name>.<block>``."""
+        names = []
+        for i in blocks:
+            block = self.blocks[i]
+            if not block.moe:
+                block.use_moe(experts, top_k)
+                block.mlp.name = f"{self.name}.{i}"
+            names.append(f"{self.name}.{i}")
+        return names
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
         for block in self.blocks:

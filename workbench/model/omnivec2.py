@@ -53,6 +53,7 @@ from workbench.model import attention as attn
 from workbench.model.attention import CrossAttention, Transformer
 from workbench.model.heads import HEADS, MaskedDecoder, masked_mean
 from workbench.model.masking import Masked, bert_corruption, random_masking
+from workbench.model.moe import apply_moe
 from workbench.model.patching import PATCHERS, Patches
 from workbench.model.text_tokenizer import TextTokenizer
 from workbench.model.tokenizers import SpecificTokenizers, UnifiedTokenizer
@@ -196,6 +197,7 @@ class OmniVec2(nn.Module):
         self.apply(_init_weights)
         self.f.reset_fc()
         self.tokenizers.reset_parameters()  # unit-gain token content (see tokenizers.py)
+        apply_moe(self)  # IMP: the blocks model.moe_* names become mixture-of-experts (no-op when dense)
         self.text_tokenizer = None
 
     # ---------------------------------------------------------------------------------- properties

@@ -84,6 +84,9 @@ def _ablation(name: str, title: str, upstream: tuple[str, ...] = ()) -> Notebook
     )
 
 
+# 21_imp_moe's recipe on tiny widths: a higher learning rate than tiny's default, MoE in every block.
+_IMP_TINY = ["train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=20", "model.moe_every=1"]
+
 # Registry order is the display order and breaks ties of the dependency order.
 DEFAULT_REGISTRY: tuple[NotebookSpec, ...] = (
     NotebookSpec("00_data_tour", "00_data_tour.ipynb", title="Data tour: every modality, task and split"),
@@ -132,6 +135,30 @@ DEFAULT_REGISTRY: tuple[NotebookSpec, ...] = (
             ]
         },
         title="Table 12 reproduction (paper beside ours)",
+    ),
+    # The article's fusion strategies (METHOD.md section 4; workbench/fusion.py) train their own small
+    # networks, so no upstream. The `tiny` preset in every profile: `small` is ~15x slower per step here.
+    NotebookSpec(
+        "20_fusion_strategies",
+        "20_fusion_strategies.ipynb",
+        parameters={
+            "quick": {"steps": 150, "preset": "tiny"},
+            "full": {"seeds": [0, 1, 2], "steps": 1000, "preset": "tiny"},
+        },
+        title="Fusion strategies: early vs late vs hybrid, with a missing modality",
+    ),
+    # Seed systems (METHOD.md section 4). IMP trains from scratch (no upstream checkpoint).
+    NotebookSpec(
+        "21_imp_moe",
+        "21_imp_moe.ipynb",
+        parameters={
+            "tiny": {"steps": 4},  # the tiny defaults (tiny widths + the IMP settings): seconds
+            # tiny widths + the IMP settings with MoE in both blocks (f.0, g.0): ~3-5 minutes on 2 shared
+            # cores (quick), 1-2 hours (full). `preset: imp` (small widths) is ~10x slower per update here.
+            "quick": {"preset": "tiny", "steps": 150, "overrides": [*_IMP_TINY, "data.scale=0.5"]},
+            "full": {"preset": "tiny", "steps": 2000, "overrides": [*_IMP_TINY]},
+        },
+        title="IMP: dense vs mixture-of-experts, alternating updates",
     ),
 )
 

@@ -8,11 +8,16 @@ through ``forward`` (gradient synchronisation hooks live there). Each step it
    on every rank) and a resumed run replays the same choices;
 2. ``forward(batches, step)``: returns the scalar to back-propagate and a dict of named, detached
    loss parts for logging (losses stay a dict until the balancer reduces them, STYLE.md rule 7).
+
+Stage 3 has two schedules (``train.schedule``): OmniVec2's ``pairs`` (:class:`MultitaskSupervised`)
+and IMP's ``alternating`` gradient descent (:class:`AlternatingSupervised`). With mixture-of-experts
+layers (``model.moe_experts > 0``) every objective adds the routers' load-balancing loss, weighted by
+``model.moe_aux_weight`` and logged as ``moe_aux``; dense models are unaffected.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +26,9 @@ from torch import nn
 from workbench.batch import Batch
 from workbench.config import Config
 from workbench.modalities import TaskSpec
+from workbench.model.moe import apply_moe, collect_aux
 from workbench.train.balance import TaskBalancer
+from workbench.train.resolution import vary_resolution
 
 
 def _average(items: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -44,6 +51,19 @@ class Objective(nn.Module):
         self.modalities = list(dict.fromkeys(t.modality for t in self.tasks))
         self.batch_size = cfg.train.batch_size
         self.grad_accum = cfg.train.grad_accum
+        # MoE blocks are built here until OmniVec2 builds them itself (see workbench/model/moe.py);
+        # before the optimiser and any state load, and a no-op (no parameter, no RNG draw) when dense.
+        apply_moe(model)
+        self.moe_aux_weight = cfg.model.moe_aux_weight if cfg.model.moe_experts else None
+
+    def _with_moe_aux(
+        self, loss: torch.Tensor, parts: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Add this forward's MoE load-balancing loss (part ``moe_aux``); unchanged for dense models."""
+        if self.moe_aux_weight is None:
+            return loss, parts
+        aux = collect_aux(self.model)
+        return loss + self.moe_aux_weight * aux, {**parts, "moe_aux": aux.detach()}
 
     def _rng(self, step: int, micro: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.stage, step, micro])
@@ -108,7 +128,7 @@ class UnimodalMasked(Objective):
         out = self.model.forward_masked(
             batch, self.mask_ratio[batch.modality], generator=self._generator(step, micro)
         )
-        return out.loss, {f"{batch.modality}/masked": out.loss.detach()}
+        return self._with_moe_aux(out.loss, {f"{batch.modality}/masked": out.loss.detach()})
 
 
 class PairwiseMasked(Objective):
@@ -139,7 +159,7 @@ class PairwiseMasked(Objective):
             generator=self._generator(step, micro),
         )
         parts = _average([(f"{a.modality}/masked", out_a.loss), (f"{b.modality}/masked", out_b.loss)])
-        return out_a.loss + out_b.loss, {k: v.detach() for k, v in parts.items()}
+        return self._with_moe_aux(out_a.loss + out_b.loss, {k: v.detach() for k, v in parts.items()})
 
 
 class MultitaskSupervised(Objective):
@@ -172,10 +192,10 @@ class MultitaskSupervised(Objective):
         losses = _average(
             [(x.key, self.model.task_loss(x.key, p, x.y)) for x, p in ((a, pred_a), (b, pred_b))]
         )
-        return self.balancer(losses), {k: v.detach() for k, v in losses.items()}
+        return self._with_moe_aux(self.balancer(losses), {k: v.detach() for k, v in losses.items()})
 
     def observe(self, parts: dict[str, float]) -> None:
-        self.balancer.observe(parts)
+        self.balancer.observe({k: v for k, v in parts.items() if k in self.balancer.keys})  # tasks only
 
     def state(self) -> dict:
         return {"balancer": self.balancer.state()}
@@ -184,4 +204,55 @@ class MultitaskSupervised(Objective):
         self.balancer.load_state(state["balancer"])
 
 
-OBJECTIVES: dict[int, type[Objective]] = {1: UnimodalMasked, 2: PairwiseMasked, 3: MultitaskSupervised}
+class AlternatingSupervised(MultitaskSupervised):
+    """Stage 3 with IMP's alternating gradient descent (Akbari et al. 2023): each update draws ONE
+    (modality, task) stream (a modality at random, then one of its tasks), gives it the whole batch,
+    runs the single-stream forward ``h(g(f(x)))`` (no fusion) and minimises that task's loss alone,
+    scaled by the task balancer. With ``train.vary_resolution`` the input resolution of classification
+    batches is drawn per update too (image grid, video frames, audio length; see resolution.py).
+
+    Plan and resolution are pure functions of ``(seed, step, micro)``, so a resumed run replays them.
+    """
+
+    def __init__(self, model: nn.Module, cfg: Config, tasks: Sequence[TaskSpec]):
+        super().__init__(model, cfg, tasks)
+        self.vary = cfg.train.vary_resolution
+        self.model_cfg = cfg.model
+        self.kinds = {t.key: t.kind for t in self.tasks}
+
+    def stream_batch_size(self) -> int:
+        return self.batch_size
+
+    def plan(self, step: int, micro: int = 0) -> list[str]:
+        rng = self._rng(step, micro)
+        m = self.modalities[int(rng.integers(len(self.modalities)))]
+        options = [t.key for t in self.tasks if t.modality == m]
+        return [options[int(rng.integers(len(options)))]]
+
+    def at_resolution(self, batch: Batch, step: int, micro: int = 0) -> tuple[Batch, object]:
+        """The batch this update trains on, and the resolution drawn (None: the input is unchanged)."""
+        if not self.vary or self.kinds[batch.key] != "classification":
+            return batch, None
+        rng = np.random.default_rng([self.seed, self.stage, step, micro, 1])  # apart from the plan's draws
+        return vary_resolution(batch, self.model_cfg, rng)
+
+    def forward(self, batches: list[Batch], step: int, micro: int = 0):
+        (batch,) = batches
+        batch, _ = self.at_resolution(batch, step, micro)
+        pred = self.model.forward_single(batch, tasks=[batch.task])[batch.task]
+        losses = {batch.key: self.model.task_loss(batch.key, pred, batch.y)}
+        return self._with_moe_aux(self.balancer(losses), {k: v.detach() for k, v in losses.items()})
+
+
+def stage3(model: nn.Module, cfg: Config, tasks: Sequence[TaskSpec]) -> Objective:
+    """Stage 3 with the configured schedule: OmniVec2 ``pairs`` or IMP ``alternating`` updates."""
+    cls = AlternatingSupervised if cfg.train.schedule == "alternating" else MultitaskSupervised
+    return cls(model, cfg, tasks)
+
+
+# stage -> objective (a class, or for stage 3 a function choosing the schedule's class)
+OBJECTIVES: dict[int, Callable[[nn.Module, Config, Sequence[TaskSpec]], Objective]] = {
+    1: UnimodalMasked,
+    2: PairwiseMasked,
+    3: stage3,
+}
