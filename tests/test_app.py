@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
-TRAIN = ["model.preset=tiny", "data.scale=0.1", "train.steps=400", "train.batch_size=64", "train.lr=5e-4",
+TRAIN = ["model.preset=tiny", "data.scale=0.1", "train.steps=200", "train.batch_size=64", "train.lr=5e-4",
          "train.warmup_steps=10", "train.log_every=100", "train.tracker=none"]  # fmt: skip
 
 

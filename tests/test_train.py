@@ -93,6 +93,32 @@ def test_stage3_logs_task_losses_and_weights(three_stages):
     assert any(abs(w - 1.0) > 1e-6 for w in weights)  # DWA moved the weights off 1
 
 
+def test_stage2_is_evaluated_through_the_path_it_trained(three_stages):
+    """Stage 2 trains decoders2 behind f, A, g; its validation loss must come from there, not from the
+    stage-1 decoders (fresh and untrained in a stage-2 run)."""
+    from workbench.data import load_benchmark
+    from workbench.evaluate import evaluate_masked
+    from workbench.model.omnivec2 import OmniVec2
+
+    r2 = three_stages[1]
+    cfg = load_config([r2.run_dir / "config.yaml"])
+    model = OmniVec2.from_pretrained(r2.checkpoint)
+    bench = load_benchmark(cfg.data, seed=cfg.seed)
+    before = evaluate_masked(model, bench, "val", cfg)
+    assert {m: v["masked_loss"] for m, v in before.items()} == pytest.approx(
+        {m: v["masked_loss"] for m, v in r2.metrics["val"].items()}, rel=1e-4
+    )  # what the run reported is this evaluation
+    with torch.no_grad():
+        for p in model.decoders1.parameters():
+            p.zero_()
+    assert evaluate_masked(model, bench, "val", cfg) == before  # decoders1 play no part
+    with torch.no_grad():
+        for p in model.decoders2.parameters():
+            p.zero_()
+    after = evaluate_masked(model, bench, "val", cfg)
+    assert all(after[m]["masked_loss"] != before[m]["masked_loss"] for m in before)
+
+
 def _weights(run_dir):
     return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
 

@@ -27,6 +27,12 @@ def _loader(bench, spec: TaskSpec, split: str, model, batch_size: int, accelerat
     return accelerator.prepare_data_loader(loader) if accelerator is not None else loader
 
 
+def _cycle(make):
+    """Batches of ``make()``'s loader, restarting it when exhausted."""
+    while True:
+        yield from make()
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -81,18 +87,37 @@ def evaluate(
 def evaluate_masked(
     model, bench, split: str, cfg: Config, *, accelerator: Accelerator | None = None, batch_size: int = 256
 ) -> dict[str, dict]:
-    """Masked-prediction loss per modality on a split (stages 1 and 2), with fixed masking noise."""
+    """Masked-prediction loss per modality on a split, with fixed masking noise, through the path the
+    stage trained: stage 1 ``forward_masked`` (decoders1); stage 2 ``forward_masked_pair`` (f, A, g,
+    A-back, decoders2), each modality fused with the next configured one (itself when alone)."""
     model.eval()
     results: dict[str, dict] = {}
-    seen: set[str] = set()
+    first = {}  # modality -> its first classification task (its clean inputs)
     for spec in bench.tasks:
-        if spec.modality in seen or spec.kind != "classification":
-            continue
-        seen.add(spec.modality)
+        if spec.kind == "classification":
+            first.setdefault(spec.modality, spec)
+    modalities = list(first)
+    ratio = cfg.train.mask_ratio
+    for i, modality in enumerate(modalities):
+        spec = first[modality]
         generator = torch.Generator().manual_seed(cfg.seed)
+        partners = None
+        if cfg.train.stage == 2:
+            partner = first[modalities[(i + 1) % len(modalities)]]
+            partners = _cycle(
+                lambda partner=partner: _loader(bench, partner, split, model, batch_size, accelerator)
+            )
         total, n = 0.0, 0
         for batch in _loader(bench, spec, split, model, batch_size, accelerator):
-            out = model.forward_masked(batch, cfg.train.mask_ratio[spec.modality], generator=generator)
+            if partners is None:
+                out = model.forward_masked(batch, ratio[modality], generator=generator)
+            else:
+                other = next(partners)
+                k = min(len(batch), len(other))  # fusion pairs rows: score the rows that have a partner
+                batch, other = batch.slice(0, k), other.slice(0, k)
+                out, _ = model.forward_masked_pair(
+                    batch, other, ratio[modality], ratio[other.modality], generator=generator
+                )
             loss = out.loss.detach().float().reshape(1) * len(batch)
             count = torch.tensor([len(batch)])
             if accelerator is not None:
