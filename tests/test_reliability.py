@@ -19,7 +19,6 @@ holds under concurrent load, and nothing unsafe is loaded or exposed.
 from __future__ import annotations
 
 import ast
-import contextlib
 import io
 import json
 import os
@@ -47,6 +46,7 @@ from workbench.cli import main
 from workbench.config import from_dict, read_saved_config
 from workbench.data import load_benchmark
 from workbench.errors import WorkbenchError
+from workbench.hardware import torch_threads
 from workbench.train import latest_state, resolve_run, train
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -62,18 +62,8 @@ TINY = ["model.preset=tiny", "data.scale=0.1", "train.batch_size=32", "train.war
         "train.log_every=10", "train.tracker=none"]  # fmt: skip
 CRASH_RUN = [*TINY, "train.steps=16", "train.checkpoint_every=2"]  # stage 1: ~0.1 s per update
 ENV_1_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Float reduction order depends on torch's thread count: every run compared here uses one thread
-    (subprocesses get OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+# Float reduction order depends on torch's thread count: every run compared here uses one thread
+# (in-process: torch_threads(1); subprocesses: OMP_NUM_THREADS=1).
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -165,7 +155,7 @@ def killed_run(tmp_path_factory):
 def reference(killed_run, tmp_path_factory) -> Path:
     """The uninterrupted stage-1 run every interrupted one must match bit for bit."""
     run = tmp_path_factory.mktemp("crash") / "reference"
-    with one_thread():
+    with torch_threads(1):
         train(resolve_run(1, (), CRASH_RUN, out=str(run))[0], run)
     return run
 
@@ -180,7 +170,7 @@ def test_sigkill_at_a_random_checkpoint_then_resume_equals_uninterrupted(killed_
     assert last is not None and int(last.name) >= killed.kill_after
     print(f"SIGKILL after state {last.name} of 16 (seeded target >= {killed.kill_after})")
 
-    with one_thread():
+    with torch_threads(1):
         code, err = _cli(["train", "--stage", "1", "--out", killed.run, "--resume", *CRASH_RUN], capsys)
     assert code == 0, err
     assert json.loads((killed.run / "metrics.json").read_text())["steps"] == 16
@@ -211,14 +201,14 @@ def test_a_save_interrupted_half_way_is_never_the_latest(reference, tmp_path, mo
     run = tmp_path / "run"
     cfg = resolve_run(1, (), CRASH_RUN, out=str(run))[0]
     monkeypatch.setattr(Accelerator, "save_state", dying_save)
-    with one_thread(), pytest.raises(_KilledDuringSave):
+    with torch_threads(1), pytest.raises(_KilledDuringSave):
         train(cfg, run)
     monkeypatch.undo()
     states = sorted(p.name for p in (run / "state").iterdir())
     assert states == ["4", "6", "tmp-8"], states  # keep_checkpoints=2, and the broken one under its temp name
     assert not (run / "state" / "tmp-8" / "trainer_state.json").exists()
     assert latest_state(run) == run / "state" / "6"
-    with one_thread():
+    with torch_threads(1):
         resumed = train(resolve_run(1, (), CRASH_RUN, out=str(run), resume=True)[0], run, resume=True)
     assert resumed.steps == 16
     _assert_same_weights(_weights(reference), _weights(run))
@@ -246,7 +236,7 @@ def test_a_non_finite_loss_stops_naming_step_stage_and_task_and_keeps_the_last_g
 
     monkeypatch.setattr(OBJECTIVES[1], "forward", poisoned)
     run = tmp_path / "run"
-    with one_thread():
+    with torch_threads(1):
         code, err = _cli(["train", "--stage", "1", "--out", run, *CRASH_RUN], capsys)
     monkeypatch.undo()
     assert code == 2, err
@@ -257,7 +247,7 @@ def test_a_non_finite_loss_stops_naming_step_stage_and_task_and_keeps_the_last_g
     where = rf"non-finite loss \(nan\) at step 5 of stage 1 on {re.escape(seen['keys'])}; the last good state"
     _assert_one_clear_line(err, "train", where)
     assert latest_state(run) == run / "state" / "4" and not (run / "checkpoint").exists()
-    with one_thread():
+    with torch_threads(1):
         train(resolve_run(1, (), CRASH_RUN, out=str(run), resume=True)[0], run, resume=True)
     _assert_same_weights(_weights(reference), _weights(run))
 
@@ -365,7 +355,7 @@ ARGV_CORPUS = [
 def checkpoint(tmp_path_factory) -> Path:
     """A stage-3 checkpoint after a handful of updates: enough for every endpoint, cheap to make."""
     run = tmp_path_factory.mktemp("app") / "run"
-    with one_thread():
+    with torch_threads(1):
         return train(resolve_run(3, (), [*TINY, "train.steps=4"], out=str(run))[0], run).checkpoint
 
 
@@ -532,11 +522,10 @@ def test_the_console_command_itself(checkpoint, bad_files):
 # ------------------------------------------------------------------------------------------ the app
 @pytest.fixture(scope="module")
 def app(checkpoint):
-    threads = torch.get_num_threads()  # launch() sets one torch thread for the process: restore it after
-    demo = _load_app().launch(checkpoint, port=_free_port(), prevent_thread_lock=True, quiet=True)
-    yield demo
-    demo.close()
-    torch.set_num_threads(threads)
+    with torch_threads(None):  # launch() sets one torch thread for the process: restore it after
+        demo = _load_app().launch(checkpoint, port=_free_port(), prevent_thread_lock=True, quiet=True)
+        yield demo
+        demo.close()
 
 
 def _client(app) -> Client:
@@ -681,7 +670,7 @@ def test_launch_defaults_and_what_changes_them(checkpoint, monkeypatch, capsys):
     assert build_parser().parse_args(["app"]).host is None  # None = the config's host
     calls = []
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: calls.append(kw))
-    with one_thread():
+    with torch_threads(1):
         for argv in (["app", "--checkpoint", checkpoint],
                      ["app", "--checkpoint", checkpoint, "--host", "0.0.0.0", "app.share=true",
                       "data.limits.max_upload_mb=2"]):  # fmt: skip
@@ -787,7 +776,7 @@ def test_a_pickle_planted_in_a_resume_state_is_not_executed(reference, tmp_path)
         assert (state / name).is_file(), name
         (state / name).write_bytes(pickle.dumps(Payload(), protocol=2))
     with (
-        one_thread(),
+        torch_threads(1),
         pytest.raises(WorkbenchError, match=r"cannot be loaded \(UnpicklingError: Weights only load failed"),
     ):
         train(resolve_run(1, (), CRASH_RUN, out=str(run), resume=True)[0], run, resume=True)
