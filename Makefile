@@ -5,8 +5,10 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PROFILE ?= quick
+JOBS    ?= 1
 CHECKPOINT ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 .PHONY: setup run test lint format reports app lab bench data clean help
 .DEFAULT_GOAL := help
@@ -30,7 +32,7 @@ run: $(STAMP)  ## build the data, run the quick notebook pipeline, then serve th
 test: $(STAMP)  ## lint + every test (unit, integration, notebooks, app API, browser if chromium)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff lint and format check only
 	$(VENV)/bin/ruff check .
@@ -43,8 +45,8 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 data: $(STAMP)  ## build the embedded dataset cache
 	$(VENV)/bin/workbench data build
 
-reports: $(STAMP)  ## the notebook pipeline only (PROFILE=quick|full)
-	$(VENV)/bin/workbench pipeline --profile $(PROFILE)
+reports: $(STAMP)  ## the notebook pipeline only (PROFILE=quick|full, JOBS=n notebooks at once)
+	$(VENV)/bin/workbench pipeline --profile $(PROFILE) --jobs $(JOBS)
 
 app: $(STAMP)  ## the Gradio app only (CHECKPOINT=dir, default the newest in runs/)
 	$(VENV)/bin/workbench app $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))

@@ -6,6 +6,7 @@ Three kernels in all (one pipeline of two notebooks, one failing run through the
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -209,6 +210,51 @@ def test_failing_notebook_stops_pipeline_via_cli(tmp_path, monkeypatch, capsys):
         assert not (run / f"{name}.ipynb").exists() and not (run / "artifacts" / name / "ran.txt").exists()
     assert status["00_data_tour"]["status"] == "missing"
     assert '<span class="status failed">' in (run / "index.html").read_text()
+
+
+PARALLEL_WAITS_FOR_SIBLING = (
+    "import os, pathlib, time\n"
+    "sibling = pathlib.Path(output_dir).parent / 'c' / 'started.txt'\n"
+    "deadline = time.time() + 120\n"
+    "while not sibling.exists() and time.time() < deadline:\n"
+    "    time.sleep(0.1)\n"
+    "assert sibling.exists(), 'c never ran beside a'",
+)
+PARALLEL_SIBLING = (
+    "import os, pathlib\n"
+    "pathlib.Path(output_dir, 'started.txt').write_text(os.environ.get('OMP_NUM_THREADS', 'unset'))",
+)
+
+
+def test_jobs_run_independent_notebooks_side_by_side_and_keep_dependencies(tmp_path):
+    """--jobs 2: a waits until c has started (it would time out if they ran one after the other); b
+    starts only after a ends and fails; what depends on b is skipped; c finishes and is kept."""
+    write_notebook(tmp_path / "a.ipynb", "output_dir = ''\n", *PARALLEL_WAITS_FOR_SIBLING)
+    write_notebook(tmp_path / "c.ipynb", "output_dir = ''\n", *PARALLEL_SIBLING)
+    write_notebook(tmp_path / "b.ipynb", "output_dir = ''\n", 'raise RuntimeError("b-broke")')
+    registry = [
+        NotebookSpec("a", "a.ipynb"),
+        NotebookSpec("b", "b.ipynb", depends_on=("a",)),
+        NotebookSpec("e", "a.ipynb", depends_on=("b",)),
+        NotebookSpec("c", "c.ipynb"),
+    ]
+    run = tmp_path / "r"
+    with pytest.raises(NotebookFailed, match=r"notebook b failed in cell .*RuntimeError: b-broke") as exc:
+        run_pipeline("tiny", run, registry=registry, notebooks_dir=tmp_path, jobs=2, log=None)
+    status = {r.name: (r.status, r.reason) for r in exc.value.result.notebooks}
+    assert status["a"] == ("ok", "") and status["c"] == ("ok", "") and status["b"][0] == "failed"
+    assert status["e"] == ("skipped", "not run: b failed")
+    a = nbformat.read(run / "a.ipynb", as_version=4).metadata.papermill
+    b = nbformat.read(run / "b.ipynb", as_version=4).metadata.papermill
+    assert a["end_time"] <= b["start_time"]
+    # two kernels share the cores: each gets cpu_count // 2 threads (at least one)
+    threads = (run / "artifacts" / "c" / "started.txt").read_text()
+    assert threads == str(max(1, (os.cpu_count() or 1) // 2))
+
+
+def test_jobs_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="--jobs must be a whole number >= 1; got 0"):
+        run_pipeline("tiny", tmp_path / "r", registry=[], notebooks_dir=tmp_path, jobs=0, log=None)
 
 
 # ---------------------------------------------------------------------------- validation, no kernel

@@ -17,7 +17,9 @@ def test_every_notebook_runs_with_tiny_parameters(tmp_path):
     present = [s.name for s in DEFAULT_REGISTRY if (default_notebooks_dir() / s.path).is_file()]
     if not present:
         pytest.skip("no pipeline notebook is written yet")
-    result = run_pipeline("tiny", tmp_path / "report", log=None)  # a failing cell raises NotebookFailed
+    result = run_pipeline(
+        "tiny", tmp_path / "report", jobs=2, log=None
+    )  # a failing cell raises NotebookFailed
     status = {r.name: r for r in result.notebooks}
     for name in present:
         res = status[name]

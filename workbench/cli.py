@@ -20,6 +20,17 @@ config overrides are dotted key=value pairs, e.g.  train.steps=200 model.preset=
 (see configs/*.yaml and README.md for every key). Exit codes: 0 ok, 2 bad input, 1 other errors."""
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse reports the error in one line, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _pending(what: str, issue: int) -> NotYetAvailable:
     return NotYetAvailable(f"`workbench {what}` is not available yet: it lands with issue #{issue}")
 
@@ -157,7 +168,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from workbench.report import NotebookFailed, run_pipeline
 
     try:
-        result = run_pipeline(args.profile, args.out, only=args.only or ())
+        result = run_pipeline(args.profile, args.out, only=args.only or (), jobs=args.jobs)
     except NotebookFailed as err:  # a notebook's bug, not bad input: exit 1, the index is still written
         print(f"workbench pipeline: error: {err}", file=sys.stderr)
         print(f"report (partial): {err.result.index_html}")
@@ -326,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME",
         help="run only this notebook and what it depends on (repeatable)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run up to N independent notebooks at once, each kernel with cpu_count/N threads (default 1)",
     )
 
     p = add("app", cmd_app, "serve the Gradio attention explorer")

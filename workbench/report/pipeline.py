@@ -22,6 +22,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -152,11 +153,13 @@ def notebook_parameters(
 
 
 # ----------------------------------------------------------------------------------------- execution
-def _kernel_manager_logging_to(log_path: Path) -> type:
+def _kernel_manager_logging_to(log_path: Path, threads: int | None = None) -> type:
     """An AsyncKernelManager whose kernel process writes its own stdout/stderr to ``log_path``.
 
     Cell output still arrives through the kernel protocol; only process-level noise (the kernel's
     start-up warnings, C-level prints, a crash trace) goes to the log instead of the terminal.
+    ``threads`` caps the kernel's OpenMP/torch threads (kernels running side by side share the cores;
+    oversubscribed OpenMP threads spin-wait and run many times slower).
     """
     from jupyter_client.manager import AsyncKernelManager
 
@@ -169,6 +172,8 @@ def _kernel_manager_logging_to(log_path: Path) -> type:
             # Notebooks skip live ipywidgets when no browser is attached (an Output widget's
             # clear_output can leave nbclient waiting forever) and show static galleries instead.
             env["WORKBENCH_HEADLESS"] = "1"
+            if threads is not None:
+                env["OMP_NUM_THREADS"] = str(threads)
             kw["env"] = env
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with log_path.open("ab") as fh:  # the child keeps its own copy of the descriptor
@@ -184,7 +189,9 @@ def _one_line(text: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _execute(spec: NotebookSpec, source: Path, params: dict, run_dir: Path, cwd: Path) -> dict[str, Any]:
+def _execute(
+    spec: NotebookSpec, source: Path, params: dict, run_dir: Path, cwd: Path, threads: int | None = None
+) -> dict[str, Any]:
     """Run one notebook with papermill; return ``{}`` on success or a description of the failure."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -201,7 +208,9 @@ def _execute(spec: NotebookSpec, source: Path, params: dict, run_dir: Path, cwd:
                 cwd=str(cwd),
                 progress_bar=False,
                 log_output=False,
-                kernel_manager_class=_kernel_manager_logging_to(run_dir / "logs" / f"{spec.name}.log"),
+                kernel_manager_class=_kernel_manager_logging_to(
+                    run_dir / "logs" / f"{spec.name}.log", threads
+                ),
             )
     except PapermillExecutionError as err:
         first_line = next((ln for ln in (err.source or "").splitlines() if ln.strip()), "")
@@ -254,11 +263,13 @@ def run_pipeline(
     registry: Sequence[NotebookSpec] | None = None,
     notebooks_dir: str | Path | None = None,
     only: Iterable[str] = (),
+    jobs: int = 1,
     log: Callable[[str], None] | None = print,
 ) -> PipelineResult:
     """Execute the registry's notebooks in dependency order and write the report; return its result.
 
-    ``only`` restricts the run to those notebooks and their upstream dependencies. Raises
+    ``only`` restricts the run to those notebooks and their upstream dependencies. ``jobs`` > 1 runs
+    up to that many independent notebooks at once (each kernel gets ``cpu_count // jobs`` threads). Raises
     ConfigError (before any work) for bad input, NotebookFailed after the index is written if a
     notebook fails.
     """
@@ -266,6 +277,8 @@ def run_pipeline(
 
     say = log or (lambda _msg: None)
     check_profile(profile)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs must be a whole number >= 1; got {jobs!r}")
     registry = tuple(default_registry() if registry is None else registry)
     validate(registry)
     order = topological_order(registry)
@@ -286,28 +299,8 @@ def run_pipeline(
     started, t_start = datetime.now().astimezone(), time.perf_counter()
     results: dict[str, NotebookResult] = {}
     result = PipelineResult(run_dir, profile, started.isoformat(timespec="seconds"), 0.0, machine_info(), [])
-    stopped_by = ""
     try:
-        for i, (spec, source, params) in enumerate(plans, 1):
-            res = NotebookResult(spec.name, spec.title, "skipped", output_dir=f"artifacts/{spec.name}")
-            blocked = [d for d in spec.depends_on if results[d].status != "ok"]
-            if spec.name not in selected:
-                res.reason = "not selected (--only)"
-            elif params is None:
-                res.status, res.reason = "missing", f"{spec.path} does not exist yet"
-                say(
-                    f"[{i}/{len(plans)}] warning: {spec.name} is registered but {source} does not exist; skipped"
-                )
-            elif stopped_by:
-                res.reason = f"not run: {stopped_by} failed"
-            elif blocked:
-                res.reason = f"needs {', '.join(f'{d} ({results[d].status})' for d in blocked)}"
-                say(f"[{i}/{len(plans)}] {spec.name}: skipped, {res.reason}")
-            else:
-                _run_one(spec, source, params, run_dir, nb_dir, res, say, f"[{i}/{len(plans)}]")
-                if res.status == "failed":
-                    stopped_by = spec.name
-            results[spec.name] = res
+        _schedule(plans, selected, jobs, run_dir, nb_dir, results, say)
     finally:  # also on Ctrl-C: the index shows how far the run got
         result.notebooks = [
             results.get(s.name) or NotebookResult(s.name, s.title, "skipped", "interrupted") for s in order
@@ -320,6 +313,97 @@ def run_pipeline(
     return result
 
 
+Plan = tuple[NotebookSpec, Path, "dict[str, Any] | None"]
+
+
+def _critical_path(plans: Sequence[Plan]) -> dict[str, int]:
+    """Notebooks on the longest chain below each notebook (itself included): start long chains first."""
+    below: dict[str, int] = {}
+    for spec, _, _ in reversed(plans):  # plans are in dependency order, so dependants come first here
+        below.setdefault(spec.name, 1)
+        for dep in spec.depends_on:
+            below[dep] = max(below.get(dep, 1), below[spec.name] + 1)
+    return below
+
+
+def _schedule(
+    plans: Sequence[Plan],
+    selected: set[str],
+    jobs: int,
+    run_dir: Path,
+    nb_dir: Path,
+    results: dict[str, NotebookResult],
+    say: Callable[[str], None],
+) -> None:
+    """Run every plan whose dependencies succeeded, at most ``jobs`` at once; fill ``results``.
+
+    A notebook starts as soon as its dependencies are ``ok`` and a slot is free (with ``jobs`` > 1 the
+    longest remaining chain first, else in dependency order); one that cannot run is settled as missing/skipped once its dependencies are. After a
+    failure nothing new starts; notebooks already running finish and are kept.
+    """
+    total, count = len(plans), iter(range(1, len(plans) + 1))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    priority = _critical_path(plans)
+    pending = list(plans)
+    running: dict[Future, tuple[NotebookSpec, NotebookResult]] = {}
+    stopped_by = ""
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="notebook") if jobs > 1 else None
+    try:
+        while pending or running:
+            ready: list[tuple[NotebookSpec, Path, dict[str, Any]]] = []
+            for spec, source, params in list(pending):  # dependency order: one pass settles whole chains
+                if any(d not in results for d in spec.depends_on):
+                    continue
+                res = NotebookResult(spec.name, spec.title, "skipped", output_dir=f"artifacts/{spec.name}")
+                blocked = [d for d in spec.depends_on if results[d].status != "ok"]
+                if spec.name not in selected:
+                    res.reason = "not selected (--only)"
+                elif params is None:
+                    res.status, res.reason = "missing", f"{spec.path} does not exist yet"
+                    say(
+                        f"[{next(count)}/{total}] warning: {spec.name} is registered but {source} does not exist; skipped"
+                    )
+                elif stopped_by:
+                    res.reason = f"not run: {stopped_by} failed"
+                elif blocked:
+                    res.reason = f"needs {', '.join(f'{d} ({results[d].status})' for d in blocked)}"
+                    say(f"[{next(count)}/{total}] {spec.name}: skipped, {res.reason}")
+                else:
+                    ready.append((spec, source, params))
+                    continue
+                results[spec.name] = res
+                pending.remove((spec, source, params))
+            if pool is not None:  # stable: ties (and jobs=1, always) keep the dependency order
+                ready.sort(key=lambda plan: -priority[plan[0].name])
+            for spec, source, params in ready[: max(0, jobs - len(running))]:
+                pending.remove((spec, source, params))
+                res = NotebookResult(spec.name, spec.title, "skipped", output_dir=f"artifacts/{spec.name}")
+                args = (spec, source, params, run_dir, nb_dir, res, say, f"[{next(count)}/{total}]", threads)
+                if pool is None:
+                    _run_one(*args)
+                    running[_done_future()] = (spec, res)
+                else:
+                    running[pool.submit(_run_one, *args)] = (spec, res)
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                spec, res = running.pop(future)
+                future.result()
+                results[spec.name] = res
+                if res.status == "failed" and not stopped_by:
+                    stopped_by = spec.name
+    finally:
+        if pool is not None:  # on Ctrl-C, notebooks already running end before the index is written
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _done_future() -> Future:
+    future: Future = Future()
+    future.set_result(None)
+    return future
+
+
 def _run_one(
     spec: NotebookSpec,
     source: Path,
@@ -329,6 +413,7 @@ def _run_one(
     res: NotebookResult,
     say: Callable[[str], None],
     counter: str,
+    threads: int | None = None,
 ) -> None:
     """Execute, convert to HTML, check declared outputs, read summary.json; fill ``res`` in place."""
     from workbench.report.html import notebook_to_html
@@ -344,7 +429,7 @@ def _run_one(
     res.parameters = params
     say(f"{counter} {spec.name}: running ...")
     t0 = time.perf_counter()
-    res.error = _execute(spec, source, params, run_dir, nb_dir)
+    res.error = _execute(spec, source, params, run_dir, nb_dir, threads)
     res.seconds = round(time.perf_counter() - t0, 2)
     if executed.is_file():
         res.notebook = executed.name
