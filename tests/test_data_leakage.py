@@ -120,6 +120,21 @@ def test_full_size_text_split():
     assert "six" not in strings and "uno" not in strings and "sieben" in strings
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_every_held_out_template_has_a_training_sibling_of_its_family(seed):
+    """A val/test phrasing is new, but what it computes (and how its operands are written) is taught
+    by another template in training; templates whose family has no sibling (before, after, half)
+    always train."""
+    family = {t.name: t.family for t in phrases.TEMPLATES}
+    split = phrases.split_templates(seed)
+    trained = {family[name] for name in split["train"]}
+    for s in ("val", "test"):
+        assert {family[name] for name in split[s]} <= trained, (s, split)
+    singletons = {f for f in family.values() if list(family.values()).count(f) == 1}
+    assert {name for name in family if family[name] in singletons} <= set(split["train"])
+    assert sorted(name for names in split.values() for name in names) == sorted(family)  # each once
+
+
 def test_arithmetic_phrases_mean_their_digit():
     en = {it["text"]: it["digit"] for it in phrases.build_texts(0, 1.0) if it["language"] == "en"}
     words = {phrases.word(n, "en"): n for n in range(100)}
@@ -131,3 +146,10 @@ def test_arithmetic_phrases_mean_their_digit():
         if "divided by" in text:
             a, b = (words[w.strip()] for w in text.split("divided by"))
             assert a == digit * b
+        if text.startswith("take "):  # "take B from A" = A - B
+            b, a = (words[w.strip()] for w in text[len("take ") :].split(" from "))
+            assert a - b == digit
+        if text.startswith("split "):  # "split A into B equal parts" = A / B
+            a, b = (words[w.strip()] for w in text[len("split ") : -len(" equal parts")].split(" into "))
+            assert a == digit * b
+    assert any(t.startswith("take ") for t in en) and any(t.startswith("split ") for t in en)

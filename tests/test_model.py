@@ -260,6 +260,34 @@ def test_save_load_reproduces_outputs_exactly(tmp_path):
     model.text_tokenizer = None
 
 
+def test_head_pool_reads_the_token_mean_or_the_cls_and_old_checkpoints_keep_cls(tmp_path):
+    from workbench.model.heads import masked_mean
+
+    model = model_for("tiny")
+    head = model.heads["audio/digit"]
+    b = batch("audio/digit", n=3)  # variable lengths: padding must stay out of the mean
+    seen = {}
+    hook = head.body.register_forward_hook(lambda _m, _i, out: seen.update(x=out))
+    with torch.no_grad():
+        logits = model.forward_single(b)["digit"]
+        padding = model.tokenize(b)[0].padding
+    hook.remove()
+    assert padding is not None and padding.any()
+    x = seen["x"]  # (B, 1 + N, head_dim): CLS first
+    assert torch.allclose(logits, head.out(masked_mean(x[:, 1:], padding)), atol=1e-6)
+    assert not torch.allclose(logits, head.out(x[:, 0]), atol=1e-3)
+    # a checkpoint written before model.head_pool existed loads with the CLS read-out it was trained with
+    cls_model = model_for("tiny", "model.head_pool=cls")
+    cls_model.save_pretrained(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "config.json").read_text())
+    del meta["model"]["head_pool"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    loaded = OmniVec2.from_pretrained(tmp_path / "old")
+    assert loaded.config.model.head_pool == "cls"
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_single(b)["digit"], cls_model.forward_single(b)["digit"])
+
+
 def test_mismatched_checkpoints_are_refused(tmp_path):
     model = model_for("tiny")
     good = tmp_path / "good"

@@ -111,6 +111,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # hidden width of the GELU MLP, as a multiple of the width
     head_dim: int = 96  # width of each task head (ViT-Tiny style)
     head_depth: int = 1  # transformer blocks in each task head
+    head_pool: str = "mean"  # classification read-out of a task head: mean (of its tokens) | cls (ViT CLS)
     head_heads: int = 3  # attention heads in each task head
     decoder_dim: int = 96  # masked-prediction decoders (stage 1 and 2) and autoencoder heads
     decoder_depth: int = 1  # transformer blocks in each decoder
@@ -148,6 +149,7 @@ class ModelConfig:
         _check_choice("model.tokenizer", self.tokenizer, ("specific", "unified"))
         _check_choice("model.task_head", self.task_head, ("specific", "unified", "autoencoder"))
         _check_choice("model.fusion", self.fusion, ("hybrid", "early", "late"))
+        _check_choice("model.head_pool", self.head_pool, ("mean", "cls"))
         _check_range("model.moe_experts", self.moe_experts, lo=0)
         _check_range("model.moe_every", self.moe_every, lo=1)
         _check_range("model.moe_aux_weight", self.moe_aux_weight, lo=0.0)
@@ -325,6 +327,80 @@ class TrainConfig:
             _check_range(f"train.mask_ratio.{m}", r, 0.0, 0.99)
 
 
+# ------------------------------------------------------------------------------------- seed systems
+DEEPSENSE_PAIR_SEP = "->"  # a DeepSense pair is written "query->gallery", e.g. "text->image"
+DEEPSENSE_MASKED = ("image", "audio")  # modalities whose DeepSense objective is masked reconstruction
+DEEPSENSE_LOSSES = ("contrastive", "image", "audio", "text")  # weight keys: alignment + each generative loss
+
+
+@dataclass
+class DeepSenseConfig:
+    """DeepSense-v2 (METHOD.md section 4; ``workbench/deepsense.py``): pairs, encoders, objectives, retrieval.
+
+    Widths come from ``model.*`` (so ``model.preset`` sizes the encoders): every encoder is ``model.dim``
+    wide (the image ViT's first stage; later stages double it), ``model.depth_f`` blocks per encoder (per
+    stage for images), ``model.heads`` heads, ``model.depth_g`` fusion layers, and ``model.fc_dims[-1]``
+    is the width of the fusion tokens and of the shared contrastive embedding.
+    """
+
+    pairs: list[str] = field(
+        default_factory=lambda: ["text->image", "audio->image", "text->video"]
+    )  # label-aligned training pairs, written query->gallery: also the retrieval directions scored
+    image_stages: int = 2  # hierarchical ViT stages; each after the first merges 2x2 tokens, doubles width
+    conv_kernel: int = 15  # Conformer depthwise kernel in audio tokens (15 x 80 ms; paper: 32 x 40 ms)
+    conv_norm: str = "batch"  # Conformer conv-module norm: batch (the paper's; valid frames only) | layer
+    audio_stride: int = 4  # log-mel frames stacked into one audio token (Conformer's 4x subsampling)
+    mask_ratio: dict[str, float] = field(
+        default_factory=lambda: {"image": 0.6, "audio": 0.5}
+    )  # share of image units (SimMIM's 0.6) and audio tokens replaced by a mask token
+    temperature: float = 0.07  # initial InfoNCE temperature (CLIP); learned as a log-scale
+    max_logit_scale: float = 100.0  # the learned 1 / temperature is clamped to [1, this] (CLIP)
+    positives: str = "label"  # label (every same-digit item of the batch) | pair (the aligned partner only)
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(DEEPSENSE_LOSSES, 1.0)
+    )  # contrastive | image (masked patches) | audio (log-mel reconstruction) | text (next-token LM)
+    recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])  # K of the Recall@K retrieval scores
+
+    def __post_init__(self) -> None:
+        if not self.pairs:
+            raise ConfigError("deepsense.pairs is empty; name at least one pair such as 'text->image'")
+        seen: set[frozenset[str]] = set()
+        for pair in self.pairs:
+            parts = pair.split(DEEPSENSE_PAIR_SEP)
+            if len(parts) != 2 or parts[0] == parts[1]:
+                raise ConfigError(
+                    f"deepsense.pairs entry {pair!r} must be two different modalities as 'query->gallery'"
+                )
+            for m in parts:
+                _check_choice("deepsense.pairs modality", m, MODALITIES)
+            if frozenset(parts) in seen:
+                raise ConfigError(f"deepsense.pairs names the pair {pair!r} twice (either direction)")
+            seen.add(frozenset(parts))
+        _check_range("deepsense.image_stages", self.image_stages, 1, 4)
+        _check_range("deepsense.conv_kernel", self.conv_kernel, lo=1)
+        if self.conv_kernel % 2 == 0:
+            raise ConfigError(
+                f"deepsense.conv_kernel={self.conv_kernel} must be odd (same-length convolution)"
+            )
+        _check_choice("deepsense.conv_norm", self.conv_norm, ("batch", "layer"))
+        _check_range("deepsense.audio_stride", self.audio_stride, lo=1)
+        for m, r in self.mask_ratio.items():
+            _check_choice("deepsense.mask_ratio key", m, DEEPSENSE_MASKED)
+            _check_range(f"deepsense.mask_ratio.{m}", r, 0.05, 0.95)
+        _check_range("deepsense.temperature", self.temperature, 1e-3, 1.0)
+        if 1.0 / self.temperature > self.max_logit_scale:
+            raise ConfigError(
+                f"deepsense.temperature={self.temperature} starts beyond the clamp: 1 / temperature must not "
+                f"exceed deepsense.max_logit_scale={self.max_logit_scale}"
+            )
+        _check_choice("deepsense.positives", self.positives, ("label", "pair"))
+        for k, w in self.loss_weights.items():
+            _check_choice("deepsense.loss_weights key", k, DEEPSENSE_LOSSES)
+            _check_range(f"deepsense.loss_weights.{k}", w, lo=0.0)
+        if not self.recall_at or min(self.recall_at) < 1:
+            raise ConfigError(f"deepsense.recall_at={self.recall_at} must be positive ranks, e.g. [1, 5, 10]")
+
+
 # ---------------------------------------------------------------------------------------------- app
 @dataclass
 class AppConfig:
@@ -353,6 +429,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     app: AppConfig = field(default_factory=AppConfig)
+    deepsense: DeepSenseConfig = field(default_factory=DeepSenseConfig)  # the DeepSense-v2 seed system
 
 
 # ------------------------------------------------------------------------------------------ loading

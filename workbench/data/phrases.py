@@ -6,6 +6,14 @@ language, plus the operands that make it denote a digit 0-9 ("three plus four" -
 item's phrasing was never seen in training in *any* language (the task is to read the digit and
 the language, not to memorise sentence frames).
 
+Each template belongs to a *family*: what it computes and how its operands are written
+(``identity/word``, ``minus/word``, ``divide/word``...). Only templates whose family keeps another
+member in training are held out for val and test: "seventy-two divided by nine" is tested after
+training on "split seventy-two into nine equal parts", never after no division at all. A phrasing
+whose meaning no training phrase carries ("the number after X" with no successor phrase in
+training) would test guessing, not reading; such singleton families (before, after, half) always
+train.
+
 Labels stay clean by construction: an arithmetic result is always 0-9, and a string that could
 carry two labels (English and French "six", Spanish and Italian "uno") is dropped.
 """
@@ -27,6 +35,7 @@ Operands = Callable[[int], list[dict[str, int]]]
 class Template:
     name: str
     kind: str  # word (one item per digit) | arith (operands balanced over digits) | sum (unbalanced)
+    family: str  # operation/notation: held out only while another template of the family trains
     phrases: dict[str, str]  # language -> format string over {x} {xn} {a} {an} {b} {bn}
     operands: Operands  # digit -> the operand fillings that make the phrase mean that digit
 
@@ -52,50 +61,55 @@ def _divided(d: int) -> list[dict[str, int]]:
     return [{"a": d * b, "b": b} for b in range(1, 10)]
 
 
-def _t(name: str, kind: str, operands: Operands, en: str, de: str, fr: str, es: str, it: str) -> Template:
-    return Template(name, kind, {"en": en, "de": de, "fr": fr, "es": es, "it": it}, operands)
+def _t(
+    name: str, kind: str, family: str, operands: Operands, en: str, de: str, fr: str, es: str, it: str
+) -> Template:
+    return Template(name, kind, family, {"en": en, "de": de, "fr": fr, "es": es, "it": it}, operands)
 
 
 TEMPLATES: tuple[Template, ...] = (
-    _t("bare", "word", _one(), "{x}", "{x}", "{x}", "{x}", "{x}"),
-    _t("the_number", "word", _one(),
+    _t("bare", "word", "identity/word", _one(), "{x}", "{x}", "{x}", "{x}", "{x}"),
+    _t("the_number", "word", "identity/word", _one(),
        "the number {x}", "die Zahl {x}", "le nombre {x}", "el número {x}", "il numero {x}"),
-    _t("the_number_numeral", "word", _one(),
+    _t("the_number_numeral", "word", "identity/numeral", _one(),
        "the number {xn}", "die Zahl {xn}", "le nombre {xn}", "el número {xn}", "il numero {xn}"),
-    _t("the_digit", "word", _one(),
+    _t("the_digit", "word", "identity/word", _one(),
        "the digit {x}", "die Ziffer {x}", "le chiffre {x}", "el dígito {x}", "la cifra {x}"),
-    _t("write", "word", _one(), "write {x}", "schreib {x}", "écris {x}", "escribe {x}", "scrivi {x}"),
-    _t("say_please", "word", _one(), "please say {x}", "sag bitte {x}", "dis {x}, s'il te plaît",
-       "di {x}, por favor", "di' {x}, per favore"),
-    _t("room", "word", _one(), "room number {xn}", "Zimmer Nummer {xn}", "chambre numéro {xn}",
-       "habitación número {xn}", "camera numero {xn}"),
-    _t("answer", "word", _one(), "the answer is {x}", "die Antwort ist {x}", "la réponse est {x}",
-       "la respuesta es {x}", "la risposta è {x}"),
-    _t("before", "word", _one(shift=1), "the number before {x}", "die Zahl vor {x}",
+    _t("write", "word", "identity/word", _one(),
+       "write {x}", "schreib {x}", "écris {x}", "escribe {x}", "scrivi {x}"),
+    _t("say_please", "word", "identity/word", _one(), "please say {x}", "sag bitte {x}",
+       "dis {x}, s'il te plaît", "di {x}, por favor", "di' {x}, per favore"),
+    _t("room", "word", "identity/numeral", _one(), "room number {xn}", "Zimmer Nummer {xn}",
+       "chambre numéro {xn}", "habitación número {xn}", "camera numero {xn}"),
+    _t("answer", "word", "identity/word", _one(), "the answer is {x}", "die Antwort ist {x}",
+       "la réponse est {x}", "la respuesta es {x}", "la risposta è {x}"),
+    _t("before", "word", "predecessor/word", _one(shift=1), "the number before {x}", "die Zahl vor {x}",
        "le nombre avant {x}", "el número antes de {x}", "il numero prima di {x}"),
-    _t("after", "word", _one(shift=-1), "the number after {x}", "die Zahl nach {x}",
+    _t("after", "word", "successor/word", _one(shift=-1), "the number after {x}", "die Zahl nach {x}",
        "le nombre après {x}", "el número después de {x}", "il numero dopo {x}"),
-    _t("half", "word", _one(factor=2), "half of {x}", "die Hälfte von {x}", "la moitié de {x}",
-       "la mitad de {x}", "la metà di {x}"),
-    _t("spelled", "word", _one(), "{xn} is written {x}", "{xn} schreibt man {x}", "{xn} s'écrit {x}",
-       "{xn} se escribe {x}", "{xn} si scrive {x}"),
-    _t("plus", "sum", _plus, "{a} plus {b}", "{a} plus {b}", "{a} plus {b}", "{a} más {b}", "{a} più {b}"),
-    _t("minus", "arith", _minus,
+    _t("half", "word", "half/word", _one(factor=2), "half of {x}", "die Hälfte von {x}",
+       "la moitié de {x}", "la mitad de {x}", "la metà di {x}"),
+    _t("spelled", "word", "identity/both", _one(), "{xn} is written {x}", "{xn} schreibt man {x}",
+       "{xn} s'écrit {x}", "{xn} se escribe {x}", "{xn} si scrive {x}"),
+    _t("plus", "sum", "plus/word", _plus,
+       "{a} plus {b}", "{a} plus {b}", "{a} plus {b}", "{a} más {b}", "{a} più {b}"),
+    _t("minus", "arith", "minus/word", _minus,
        "{a} minus {b}", "{a} minus {b}", "{a} moins {b}", "{a} menos {b}", "{a} meno {b}"),
-    _t("times", "sum", _times, "{a} times {b}", "{a} mal {b}", "{a} fois {b}", "{a} por {b}", "{a} per {b}"),
-    _t("divided", "arith", _divided, "{a} divided by {b}", "{a} geteilt durch {b}", "{a} divisé par {b}",
-       "{a} dividido entre {b}", "{a} diviso {b}"),
-    _t("what_plus", "sum", _plus, "what is {a} plus {b}?", "was ist {a} plus {b}?",
+    _t("times", "sum", "times/word", _times,
+       "{a} times {b}", "{a} mal {b}", "{a} fois {b}", "{a} por {b}", "{a} per {b}"),
+    _t("divided", "arith", "divide/word", _divided, "{a} divided by {b}", "{a} geteilt durch {b}",
+       "{a} divisé par {b}", "{a} dividido entre {b}", "{a} diviso {b}"),
+    _t("what_plus", "sum", "plus/word", _plus, "what is {a} plus {b}?", "was ist {a} plus {b}?",
        "combien font {a} plus {b} ?", "¿cuánto es {a} más {b}?", "quanto fa {a} più {b}?"),
-    _t("add_numerals", "sum", _plus, "add {an} and {bn}", "addiere {an} und {bn}",
+    _t("add_numerals", "sum", "plus/numeral", _plus, "add {an} and {bn}", "addiere {an} und {bn}",
        "additionne {an} et {bn}", "suma {an} y {bn}", "somma {an} e {bn}"),
-    _t("take_numerals", "arith", _minus, "take {bn} from {an}", "zieh {bn} von {an} ab",
-       "ôte {bn} de {an}", "resta {bn} de {an}", "togli {bn} da {an}"),
-    _t("multiplied", "sum", _times, "{a} multiplied by {b}", "{a} multipliziert mit {b}",
+    _t("take", "arith", "minus/word", _minus, "take {b} from {a}", "zieh {b} von {a} ab",
+       "ôte {b} de {a}", "resta {b} de {a}", "togli {b} da {a}"),
+    _t("multiplied", "sum", "times/word", _times, "{a} multiplied by {b}", "{a} multipliziert mit {b}",
        "{a} multiplié par {b}", "{a} multiplicado por {b}", "{a} moltiplicato per {b}"),
-    _t("split_parts", "arith", _divided, "split {an} into {bn} equal parts", "teile {an} in {bn} gleiche Teile",
-       "partage {an} en {bn} parts égales", "reparte {an} en {bn} partes iguales",
-       "dividi {an} in {bn} parti uguali"),
+    _t("split_parts", "arith", "divide/word", _divided, "split {a} into {b} equal parts",
+       "teile {a} in {b} gleiche Teile", "partage {a} en {b} parts égales",
+       "reparte {a} en {b} partes iguales", "dividi {a} in {b} parti uguali"),
 )  # fmt: skip
 
 # Templates per split, per kind: (train, val, test). Every split sees word and arithmetic phrasings;
@@ -118,16 +132,30 @@ def render(template: Template, language: str, fill: dict[str, int]) -> str:
 
 
 def split_templates(seed: int) -> dict[str, list[str]]:
-    """Template names per split (train/val/test), a seeded choice within each kind."""
+    """Template names per split (train/val/test), a seeded choice within each kind.
+
+    In a seeded order, a template goes to test, then val, while that split still needs one of its
+    kind *and* its family keeps at least one other template in training; the rest train.
+    """
     rng = np.random.default_rng([seed, 7])
     out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for kind, counts in SPLIT_TEMPLATES.items():
-        names = [t.name for t in TEMPLATES if t.kind == kind]
-        assert len(names) == sum(counts), f"SPLIT_TEMPLATES[{kind!r}] must use all {len(names)} templates"
-        order = [names[i] for i in rng.permutation(len(names))]
-        out["train"] += order[: counts[0]]
-        out["val"] += order[counts[0] : counts[0] + counts[1]]
-        out["test"] += order[counts[0] + counts[1] :]
+    for kind, (n_train, n_val, n_test) in SPLIT_TEMPLATES.items():
+        members = [t for t in TEMPLATES if t.kind == kind]
+        assert len(members) == n_train + n_val + n_test, f"SPLIT_TEMPLATES[{kind!r}] must use all templates"
+        order = [members[i] for i in rng.permutation(len(members))]
+        training = {t.family: sum(u.family == t.family for u in TEMPLATES) for t in members}
+        held = {"test": [], "val": []}
+        for t in order:
+            for split, wanted in (("test", n_test), ("val", n_val)):
+                if len(held[split]) < wanted and training[t.family] > 1:
+                    held[split].append(t.name)
+                    training[t.family] -= 1
+                    break
+            else:
+                out["train"].append(t.name)
+        for split, wanted in (("test", n_test), ("val", n_val)):
+            assert len(held[split]) == wanted, f"too few {kind} templates with a training sibling for {split}"
+            out[split] += held[split]
     return out
 
 

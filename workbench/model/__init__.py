@@ -9,14 +9,18 @@ Public surface (see ``omnivec2.py`` for the data flow and ``checkpoint.py`` for 
     with model.capture_attention() as maps: ...
     with model.silence_heads([("f", 0, 1)]): ...
     model.save_pretrained(dir, cfg, text_tokenizer); OmniVec2.from_pretrained(dir)
+
+DeepSense-v2's own network (modality-specific encoders, cross-attention fusion): ``deepsense.py``.
 """
 
 from workbench.model.checkpoint import read_checkpoint_config
+from workbench.model.deepsense import DeepSense
 from workbench.model.masking import Masked, bert_corruption, random_masking
 from workbench.model.omnivec2 import MaskedOutput, OmniVec2, build_model
 from workbench.model.text_tokenizer import TextTokenizer
 
 __all__ = [
+    "DeepSense",
     "Masked",
     "MaskedOutput",
     "OmniVec2",

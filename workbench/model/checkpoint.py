@@ -85,6 +85,8 @@ def read_checkpoint_config(directory: str | Path) -> tuple[Config, list[TaskSpec
         )
     try:
         tasks = [TaskSpec.from_dict(t) for t in meta.pop("tasks")]
+        if isinstance(meta.get("model"), dict):  # written before model.head_pool existed: heads read CLS
+            meta["model"].setdefault("head_pool", "cls")
         config = from_dict(meta)
     except (ConfigError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path} does not match this code's config: {err}") from None

@@ -59,10 +59,19 @@ def _output_layer(task: TaskSpec, width: int, token_numel: int | None) -> nn.Lin
 
 
 class ViTHead(nn.Module):
-    """ViT-Tiny-style head: proj (w -> head_dim), CLS token, blocks, LayerNorm, output layer."""
+    """ViT-Tiny-style head: proj (w -> head_dim), CLS token, blocks, LayerNorm, output layer.
+
+    A classification read-out is ``model.head_pool``: ``mean`` (default) averages the valid token
+    outputs (global average pooling; Beyer et al. 2022, "Better plain ViT baselines", find it trains
+    faster than CLS), and the CLS token stays in the sequence as an attention register, so head
+    attention maps and weights have one shape either way; ``cls`` reads the CLS token's output (ViT).
+    Measured here (tiny preset, one task alone, 600 updates of 32): text/digit train accuracy 37% with
+    mean vs 21% with CLS, audio/digit test 49% vs 44% (300 updates); image/digit on ``small`` equal.
+    """
 
     def __init__(self, name: str, in_dim: int, cfg: ModelConfig, task: TaskSpec, token_numel: int | None):
         super().__init__()
+        self.pool = cfg.head_pool
         self.proj = nn.Linear(in_dim, cfg.head_dim)
         self.cls = nn.Parameter(torch.randn(1, 1, cfg.head_dim) * 0.02)
         self.body = Transformer(
@@ -75,7 +84,9 @@ class ViTHead(nn.Module):
         B = x.shape[0]
         x = torch.cat([self.cls.expand(B, -1, -1).to(x.dtype), self.proj(x)], dim=1)  # (B, 1+N, head_dim)
         x = self.body(x, _pad_cls(padding))
-        return self.out(x[:, 1:]) if self.per_token else self.out(x[:, 0])  # (B, N, numel) | (B, out)
+        if self.per_token:
+            return self.out(x[:, 1:])  # (B, N, numel)
+        return self.out(x[:, 0] if self.pool == "cls" else masked_mean(x[:, 1:], padding))  # (B, out)
 
 
 class TaskSpecificHeads(nn.ModuleDict):

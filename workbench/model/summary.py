@@ -24,6 +24,7 @@ def describe(model: OmniVec2) -> str:
         else f"  A           none ({cfg.fusion} fusion)",
         f"  g           {_n(cfg.depth_g, 'pre-norm block')} x {cfg.heads} heads at {w}",
         f"  heads       {cfg.task_head}: {_n(cfg.head_depth, 'block')} x {cfg.head_heads} heads at {cfg.head_dim}"
+        + (f", {cfg.head_pool} read-out" if cfg.task_head == "specific" else "")
         if cfg.task_head != "autoencoder"
         else f"  heads       autoencoder: {_n(cfg.decoder_depth, 'block')} x {cfg.decoder_heads} heads at "
         f"{cfg.decoder_dim}",

@@ -160,6 +160,18 @@ DEFAULT_REGISTRY: tuple[NotebookSpec, ...] = (
         },
         title="IMP: dense vs mixture-of-experts, alternating updates",
     ),
+    # DeepSense-v2 (workbench/deepsense.py) pre-trains its own encoders from scratch: no upstream. `tiny` widths
+    # in every profile (quick: ~1.5 minutes on 2 shared cores; full: 3 seeds, ~30 minutes); tiny: 2 updates.
+    NotebookSpec(
+        "22_deepsense",
+        "22_deepsense.ipynb",
+        parameters={
+            "tiny": {"steps": 2},
+            "quick": {"steps": 300, "preset": "tiny"},
+            "full": {"seeds": [0, 1, 2], "steps": 2000, "preset": "tiny"},
+        },
+        title="DeepSense-v2: modality-specific encoders, contrastive pre-training, cross-modal retrieval",
+    ),
 )
 
 
