@@ -45,7 +45,7 @@ def three_stages(tmp_path_factory):
     torch.set_num_threads(1)  # exact numbers depend on the thread count; one thread is also immune to load
     r1 = train(_cfg(1, "train.steps=100"), root / "s1")
     r2 = train(_cfg(2, "train.steps=100", init=r1.checkpoint), root / "s2", init=r1.checkpoint)
-    r3 = train(_cfg(3, "train.steps=1000", init=r2.checkpoint), root / "s3", init=r2.checkpoint)
+    r3 = train(_cfg(3, "train.steps=600", init=r2.checkpoint), root / "s3", init=r2.checkpoint)
     torch.set_num_threads(threads)
     return r1, r2, r3
 
@@ -75,12 +75,13 @@ def test_three_stages_learn_and_write_everything(three_stages):
             margins[key] = row["accuracy"] - 1 / len(row["confusion"])  # above chance
         else:  # denoise: the head must restore more than it damages
             assert row["psnr"] > row["psnr_input"], (key, row)
-    # A 2-core budget of ~1,200 tiny updates learns, but not every task yet: image and video digits learn
-    # slowest (the open recipe work of the Training issue). So: most tasks clearly above chance, none
-    # below it, and clearly above it on average.
-    assert sum(m > 0.05 for m in margins.values()) >= len(margins) // 2, margins
+    # ~800 tiny updates (600 in stage 3) learn, but not every task yet: text/digit on unseen templates
+    # stays near chance (the open recipe work of the Training issue). Measured at seed 0 (one thread):
+    # margins over chance 0.03-0.26, mean 0.128. So: all but two tasks clearly above chance, none below
+    # it, and well above it on average.
+    assert sum(m > 0.05 for m in margins.values()) >= len(margins) - 2, margins
     assert all(m > -0.02 for m in margins.values()), margins
-    assert sum(margins.values()) / len(margins) > 0.05, margins
+    assert sum(margins.values()) / len(margins) > 0.08, margins
 
 
 def test_stage3_logs_task_losses_and_weights(three_stages):
