@@ -57,6 +57,8 @@ def _percentiles(ms: list[float]) -> dict[str, Any]:
 def _round_trips(urls: tuple[str, str], image: str, calls: int, clients: int, warmup: int = 2) -> dict:
     """``clients`` threads, each with its own clients, calling every endpoint in turn ``calls`` times."""
     endpoints = ("trivial image", "predict image", "trivial text", "predict text")
+    if clients == 1:  # the attention endpoints' targets are single-user latencies
+        endpoints += ("attention image", "cross_attention image+text")
     times: dict[str, list[float]] = {k: [] for k in endpoints}
     lock, start = threading.Lock(), threading.Barrier(clients + 1)
     errors: list[BaseException] = []
@@ -69,7 +71,12 @@ def _round_trips(urls: tuple[str, str], image: str, calls: int, clients: int, wa
                 "predict image": lambda: ex.predict(image=handle_file(image), api_name="/predict"),
                 "trivial text": lambda: tr.predict("sieben", api_name="/text"),
                 "predict text": lambda: ex.predict(text="sieben", api_name="/predict"),
-            }
+                "attention image": lambda: ex.predict(image=handle_file(image), modality="image", module="f",
+                                                      layer=0, head="mean", api_name="/attention"),
+                "cross_attention image+text": lambda: ex.predict(
+                    image=handle_file(image), text="sieben", modality_a="image", modality_b="text", module="A",
+                    layer=0, head="mean", api_name="/cross_attention"),
+            }  # fmt: skip
             for name in endpoints * warmup:
                 call[name]()
         except BaseException as err:  # reported below; the barrier must still be reached

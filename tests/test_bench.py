@@ -112,10 +112,16 @@ def test_precision_inference_and_app(run):
         assert row["capture_cost"] > 0
     app = s["app"]
     assert set(app["clients"]) == {"1", "8"}
-    for row in app["clients"].values():
-        for name in ("trivial image", "predict image", "trivial text", "predict text"):
+    for n, row in app["clients"].items():
+        names = ["trivial image", "predict image", "trivial text", "predict text"]
+        names += ["attention image", "cross_attention image+text"] if n == "1" else []
+        for name in names:
             assert row[name]["p50"] > 0
         assert row["requests_per_s"] > 0
+    goals = {t["target"]: t for t in r["targets"]}
+    for name in ("app predict round trip - trivial app's (1 client)", "app attention p95 (1 client)",
+                 "app cross_attention p95 (1 client)"):  # fmt: skip
+        assert goals[name]["value"] is not None and isinstance(goals[name]["met"], bool)
 
 
 def test_attention_share_grows_with_tokens(run):

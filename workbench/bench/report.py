@@ -70,6 +70,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         if "image" in mods:
             p95 = mods["image"]["latency_ms"]["p95"]
             add("single-image predict p95 (in-process)", "<= 10 ms", p95, p95 <= 10.0, f"{p95:.2f} ms")
+    if "app" in s and "clients" in s["app"] and "1" in s["app"]["clients"]:
+        one = s["app"]["clients"]["1"]
+        over = one.get("predict image overhead_ms")
+        if over is not None:
+            add("app predict round trip - trivial app's (1 client)", "<= 30 ms", over, over <= 30.0,
+                f"{over:.1f} ms")  # fmt: skip
+        for name in ("attention image", "cross_attention image+text"):
+            if name in one:
+                p95 = one[name]["p95"]
+                add(f"app {name.split()[0]} p95 (1 client)", "< 300 ms", p95, p95 < 300.0, f"{p95:.0f} ms")
     return rows
 
 
@@ -221,7 +231,8 @@ def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
         else:
             rows = []
             for n, row in a["clients"].items():
-                for name in ("trivial image", "predict image", "trivial text", "predict text"):
+                for name in ("trivial image", "predict image", "trivial text", "predict text", "attention image",
+                             "cross_attention image+text"):  # fmt: skip
                     if name in row:
                         kind = name.split()[1]
                         over = row.get(f"predict {kind} overhead_ms") if name.startswith("predict") else None
