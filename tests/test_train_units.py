@@ -113,3 +113,23 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
         assert hw.resolve_precision("no") == "no" and hw.resolve_precision("bf16") == "bf16"
     # the real probe answers for this machine without raising
     assert isinstance(hw.native_bf16(), bool)
+
+
+def test_runs_per_seed_seeds_each_run_and_reuses_finished_ones(tmp_path):
+    import json
+
+    from workbench.config import load_config
+    from workbench.seeding import runs_per_seed
+
+    calls = []
+
+    def run(cfg, name, run_dir):
+        calls.append((name, cfg.seed, run_dir))
+        return {"seed": cfg.seed}
+
+    (tmp_path / "b" / "seed1").mkdir(parents=True)  # a finished run from an earlier, interrupted study
+    (tmp_path / "b" / "seed1" / "result.json").write_text(json.dumps({"accuracy": 0.5}))
+    out = runs_per_seed(load_config(), ["a", "b"], [0, 1], tmp_path, run, cached=lambda r: r["accuracy"])
+    assert out == {"a": {0: {"seed": 0}, 1: {"seed": 1}}, "b": {0: {"seed": 0}, 1: 0.5}}
+    assert [(n, s) for n, s, _ in calls] == [("a", 0), ("a", 1), ("b", 0)]
+    assert calls[2][2] == tmp_path / "b" / "seed0"

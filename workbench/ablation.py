@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.config import Config, from_dict, to_dict
+from workbench.seeding import runs_per_seed
 
 COLUMNS = {"image": "iN2018", "video": "K400", "audio": "ESC50"}  # our modality -> the paper's dataset
 
@@ -106,17 +107,10 @@ def run_rows(
     cfg: Config, rows: list[str], seeds: list[int], out: str | Path, **kw
 ) -> dict[str, dict[int, dict]]:
     """Every (row, seed) into ``out/<row>/seed<k>/``, skipping runs whose result already exists."""
-    results: dict[str, dict[int, dict]] = {}
-    for row_id in rows:
-        for seed in seeds:
-            run = Path(out) / row_id / f"seed{seed}"
-            done = run / "result.json"
-            if done.is_file():
-                scores = json.loads(done.read_text())["accuracy"]
-            else:
-                scores = run_row(from_dict(to_dict(cfg) | {"seed": seed}), ROWS[row_id], run, **kw)
-            results.setdefault(row_id, {})[seed] = scores
-    return results
+    return runs_per_seed(
+        cfg, rows, seeds, out, lambda c, row_id, run: run_row(c, ROWS[row_id], run, **kw),
+        cached=lambda record: record["accuracy"],
+    )  # fmt: skip
 
 
 def collect(directories: list[str | Path]) -> dict[str, dict[int, dict[str, float]]]:

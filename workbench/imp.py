@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from workbench.config import MODEL_PRESETS, Config, from_dict, to_dict
+from workbench.seeding import runs_per_seed
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "dense": {"moe_experts": 0},  # the same encoder with dense MLPs
@@ -116,17 +117,7 @@ def run_variants(
     cfg: Config, seeds: list[int], out: str | Path, variants: tuple[str, ...] = tuple(VARIANTS)
 ) -> dict[str, dict[int, dict]]:
     """``{variant: {seed: record}}`` for every (variant, seed), reusing finished runs under ``out``."""
-    results: dict[str, dict[int, dict]] = {}
-    for variant in variants:
-        for seed in seeds:
-            run = Path(out) / variant / f"seed{seed}"
-            done = run / "result.json"
-            if done.is_file():
-                record = json.loads(done.read_text())
-            else:
-                record = run_variant(from_dict(to_dict(cfg) | {"seed": seed}), variant, run)
-            results.setdefault(variant, {})[seed] = record
-    return results
+    return runs_per_seed(cfg, variants, seeds, out, run_variant)
 
 
 # --------------------------------------------------------------------------------------- summaries

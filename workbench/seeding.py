@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,3 +45,32 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+
+
+def runs_per_seed(
+    cfg: Any,
+    names: Iterable[str],
+    seeds: Iterable[int],
+    out: str | Path,
+    run: Callable[[Any, str, Path], Any],
+    cached: Callable[[dict], Any] = lambda record: record,
+) -> dict[str, dict[int, Any]]:
+    """``{name: {seed: value}}`` for a study's (name, seed) grid, each run in ``out/<name>/seed<k>/``.
+
+    ``run(cfg with seed k, name, run_dir)`` trains one; a run whose ``result.json`` already exists is
+    not repeated (an interrupted study resumes), its value is ``cached(record)`` instead.
+    """
+    from workbench.config import from_dict, to_dict
+
+    seeds = list(seeds)
+    results: dict[str, dict[int, Any]] = {}
+    for name in names:
+        for seed in seeds:
+            run_dir = Path(out) / name / f"seed{seed}"
+            done = run_dir / "result.json"
+            if done.is_file():
+                value = cached(json.loads(done.read_text()))
+            else:
+                value = run(from_dict(to_dict(cfg) | {"seed": seed}), name, run_dir)
+            results.setdefault(name, {})[seed] = value
+    return results
