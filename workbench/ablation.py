@@ -20,7 +20,6 @@ number of directories, and :func:`table` reduces them to mean and spread over se
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,9 +124,9 @@ def collect(directories: list[str | Path]) -> dict[str, dict[int, dict[str, floa
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, s
+    from workbench.notebook import mean_spread
+
+    return mean_spread(values)
 
 
 def table(results: dict[str, dict[int, dict[str, float]]]) -> dict:

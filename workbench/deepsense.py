@@ -322,11 +322,12 @@ def summarize(table: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in table:
         groups.setdefault((r["direction"], r["metric"]), []).append(r)
+    from workbench.notebook import mean_spread
+
     out = []
     for (direction, metric), rows in groups.items():
         values = [r["value"] for r in rows]
-        mean = sum(values) / len(values)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        mean, sd = mean_spread(values)
         out.append({"direction": direction, "metric": metric, "mean": mean, "sd": sd,
                     "chance": rows[0]["chance"], "seeds": len(values)})  # fmt: skip
     return out

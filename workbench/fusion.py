@@ -39,7 +39,6 @@ pairs and the same noise draws (both seeded by ``eval_seed``), so differences co
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -440,10 +439,11 @@ def summarize(table: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], list[float]] = {}
     for r in table:
         groups.setdefault((r["strategy"], r["condition"]), []).append(r["accuracy"])
+    from workbench.notebook import mean_spread
+
     out = []
     for (strategy, condition), values in groups.items():
-        mean = sum(values) / len(values)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        mean, sd = mean_spread(values)
         out.append(
             {"strategy": strategy, "condition": condition, "mean": mean, "sd": sd, "seeds": len(values)}
         )
