@@ -200,11 +200,11 @@ class Explorer:
     @_user_errors
     def attention(self, image: str | None = None, audio: str | None = None, text: str | None = None,
                   video: str | None = None, modality: str = "auto", module: str = "f", layer: int = 0,
-                  head: str = "mean") -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
+                  head: str = "mean") -> tuple[np.ndarray, dict]:  # fmt: skip
         """Self-attention of one module/layer/head over one medium, and attention rollout.
 
         ``module``: ``f``, ``g`` or ``head.<modality>/<task>``; ``layer`` from 0; ``head`` ``mean`` or
-        a number. Returns (the map's heat over the input, the rollout heat over the input, JSON
+        a number. Returns (one picture: the map's heat over the input beside the rollout's, JSON
         ``{"name", "shape": [Q, K], "matrix": Q x K (rows sum to 1), "queries", "keys", "heat",
         "rollout", ...}``). Task heads put a ``[CLS]`` token first; their heat is what it attends to.
         """
@@ -212,12 +212,15 @@ class Explorer:
         batch = self._batch(modality, src)
         with self.lock:
             r = explore.attention_map(self.model, batch, module, _layer(layer), _head_index(head))
-            pictures = [explore.heat_picture(self.model, batch, r[k]) for k in ("heat", "rollout")]
+            picture = explore.panels(
+                [explore.heat_picture(self.model, batch, r[k]) for k in ("heat", "rollout")],
+                [f"{r['name']}, head {head}", "rollout over f and g"],
+            )
         info = {"input": self._name(modality, src), "modality": modality, "module": module,
                 "layer": _layer(layer), "head": head, "name": r["name"], "shape": list(r["matrix"].shape),
                 "matrix": _rounded(r["matrix"]), "queries": r["queries"], "keys": r["keys"],
                 "heat": _rounded(r["heat"]), "rollout": _rounded(r["rollout"])}  # fmt: skip
-        return pictures[0], pictures[1], info
+        return picture, info
 
     @_user_errors
     def cross_attention(self, image: str | None = None, audio: str | None = None, text: str | None = None,
@@ -469,10 +472,9 @@ def build_app(ex: Explorer) -> gr.Blocks:
                 att_head = gr.Dropdown(head_choices, value="mean", label="head")
             att_btn = gr.Button("Show attention", variant="primary")
             with gr.Row():
-                att_img = gr.Image(label="attention heat over the input", format="png",
-                                   elem_classes="heat")  # fmt: skip
-                roll_img = gr.Image(label="rollout heat over the input", format="png", elem_classes="heat")
-            att_plot = gr.Plot(label="attention matrix (hover for tokens)")
+                att_img = gr.Image(label="attention heat over the input: this layer and head | rollout",
+                                   format="png", elem_classes="heat")  # fmt: skip
+                att_plot = gr.Plot(label="attention matrix (hover for tokens)")
             with gr.Accordion("raw matrix (JSON)", open=False):
                 att_json = gr.JSON(label="attention")
 
@@ -556,7 +558,7 @@ def build_app(ex: Explorer) -> gr.Blocks:
             ex.render_predictions, predict_state, task_outputs, api_name="render_predictions", **private
         ).success(latency_text, predict_json, latency, api_name="render_latency", **private)
         att_btn.click(ex.attention, [*media, att_modality, att_module, att_layer, att_head],
-                      [att_img, roll_img, att_json], api_name="attention", preprocess=False).success(
+                      [att_img, att_json], api_name="attention", preprocess=False).success(
             attention_figure, att_json, att_plot, api_name="render_attention", **private)  # fmt: skip
         cross_btn.click(ex.cross_attention, [*media, cross_a, cross_b, cross_module, cross_layer, cross_head],
                         [cross_json, cross_state], api_name="cross_attention", preprocess=False).success(

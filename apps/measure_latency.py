@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_app import _free_port, _trivial  # the same trivial app the benchmark suite measures against
+from bench_app import _free_port, _trivial, client  # the benchmark suite's trivial app and client settings
 from gradio_client import Client, handle_file
 
 
@@ -42,8 +42,9 @@ def main() -> None:
     explorer = app.launch(args.checkpoint, port=_free_port(), prevent_thread_lock=True, quiet=True)
     trivial = _trivial().queue()
     trivial.launch(server_port=_free_port(), prevent_thread_lock=True, quiet=True)
-    ex, tr = Client(explorer.local_url, verbose=False), Client(trivial.local_url, verbose=False)
-    ex_urls = Client(explorer.local_url, verbose=False, download_files=False)  # pictures as URLs only
+    ex, tr = client(explorer.local_url), client(trivial.local_url)  # ssl_verify=False: see bench_app.py
+    ex_urls = client(explorer.local_url, download_files=False)  # pictures as URLs only
+    ex_default = Client(explorer.local_url, verbose=False)  # gradio_client's defaults
 
     from workbench.config import from_dict, read_saved_config
     from workbench.data import load_benchmark
@@ -65,6 +66,9 @@ def main() -> None:
             image=handle_file(image), module="head.image/digit", head="0", api_name="/attention"
         ),
         "attention image f, no download": lambda: ex_urls.predict(
+            image=handle_file(image), module="f", api_name="/attention"
+        ),
+        "attention image f, client defaults": lambda: ex_default.predict(
             image=handle_file(image), module="f", api_name="/attention"
         ),
         "attention audio g": lambda: ex.predict(audio=handle_file(audio), module="g", api_name="/attention"),

@@ -79,7 +79,7 @@ def app(checkpoint):
 
 @pytest.fixture(scope="module")
 def client(app) -> Client:
-    return Client(app.local_url, verbose=False)
+    return Client(app.local_url, verbose=False, ssl_verify=False)  # plain http: no per-request SSL context
 
 
 @pytest.fixture(scope="module")
@@ -156,16 +156,15 @@ def test_attention_matrices_have_grid_shapes_and_softmax_rows(client, media, mod
     grid = model.patchers[modality](batch.x, batch.lengths).grid
     n = int(np.prod(grid))
     for module, head, size in (("f", "mean", n), ("g", "1", n), (f"head.{modality}/digit", "0", n + 1)):
-        heat, rollout, info = client.predict(**_all_media(media), modality=modality, module=module, layer=0,
+        picture, info = client.predict(**_all_media(media), modality=modality, module=module, layer=0,
                                              head=head, api_name="/attention")  # fmt: skip
         m = np.array(info["matrix"])
         assert m.shape == (size, size) == tuple(info["shape"])
         assert np.allclose(m.sum(-1), 1, atol=1e-3)
         assert np.array(info["heat"]).shape == grid and np.array(info["rollout"]).shape == grid
         assert len(info["keys"]) == size
-        for picture in (heat, rollout):
-            with Image.open(picture) as img:
-                assert img.mode == "RGB" and min(img.size) >= 28
+        with Image.open(picture) as img:  # the layer's heat beside (or above) the rollout's
+            assert img.mode == "RGB" and min(img.size) >= 28 + 16
     if modality == "text":
         assert info["keys"][1:] == model.text_tokenizer.tokens(media["text"])
 

@@ -288,6 +288,37 @@ def test_head_pool_reads_the_token_mean_or_the_cls_and_old_checkpoints_keep_cls(
         assert torch.equal(loaded.forward_single(b)["digit"], cls_model.forward_single(b)["digit"])
 
 
+@pytest.mark.parametrize("scheme", ["xavier", "trunc_normal"])
+def test_model_init_sets_every_transformer_linear_and_keeps_the_special_inits(scheme):
+    import math
+
+    from workbench.model.attention import Transformer
+
+    model = model_for("tiny", f"model.init={scheme}", "model.moe_experts=2", "model.moe_every=1")
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    in_transformers = {n for t_name, t in model.named_modules() if isinstance(t, Transformer)
+                       for n, _ in t.named_modules(prefix=t_name)}  # fmt: skip
+    checked = 0
+    for name, m in linears:
+        if name not in in_transformers or name.endswith("router"):
+            continue
+        fan_out, fan_in = m.weight.shape
+        bound = math.sqrt(6 / (fan_in + fan_out))  # xavier_uniform: U(-b, b), sd = b / sqrt(3)
+        w = m.weight.detach()
+        if scheme == "xavier":
+            assert w.abs().max() <= bound + 1e-6, name
+            assert abs(w.std().item() - bound / math.sqrt(3)) < 0.25 * bound / math.sqrt(3), name
+        else:
+            assert abs(w.std().item() - 0.02) < 0.006, name
+        assert m.bias is None or not m.bias.any(), name
+        checked += 1
+    assert checked >= 20
+    routers = [m for n, m in linears if n.endswith("router")]
+    assert routers and all(r.weight.std() < 0.03 for r in routers)  # near-uniform routing either way
+    fc = [m for m in model.f.fc if isinstance(m, torch.nn.Linear)]  # He init before ReLU, whatever the scheme
+    assert fc[0].weight.std() > 0.15
+
+
 def test_mismatched_checkpoints_are_refused(tmp_path):
     model = model_for("tiny")
     good = tmp_path / "good"

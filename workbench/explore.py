@@ -10,7 +10,7 @@ returns tensors or plain dicts:
 * :func:`overlay`: a heat grid upsampled onto a grey picture, as an RGB array;
 * :func:`collect_predictions`: predictions, targets and confidences of a whole split;
 * :func:`heat_picture` / :func:`token_labels`: any medium with a token-grid heat over it, and readable
-  token names (hover text of heatmaps);
+  token names (hover text of heatmaps); :func:`panels`: captioned pictures in one image;
 * :func:`attention_map`: one module/layer/head's matrix with its heat and the rollout, for one medium;
 * :func:`cross_attention`: both directions of the fusion attention of a two-stream forward;
 * :func:`silenced_outputs` / :func:`prediction_change`: predictions with chosen heads zeroed, and how
@@ -166,6 +166,34 @@ def _token_strip(pieces: list[str], weights: np.ndarray) -> np.ndarray:
         draw.rectangle([x, 4, x + size - 3, 35], fill=colour)
         draw.text((x + 5, 13), piece, fill="white")
         x += size
+    return np.asarray(img)
+
+
+def panels(pictures: list[np.ndarray], captions: list[str], gap: int = 8) -> np.ndarray:
+    """Pictures (H, W, 3 uint8) with a caption above each, in one RGB image: side by side, or stacked
+    when they are wide (token strips, frame strips), so the result stays readable at any width."""
+    from PIL import Image, ImageDraw
+
+    wide = max(p.shape[1] for p in pictures) > 2 * max(p.shape[0] for p in pictures)
+    cap = 16
+    if wide:
+        width = max(p.shape[1] for p in pictures)
+        size = (width, sum(p.shape[0] + cap for p in pictures) + gap * (len(pictures) - 1))
+    else:
+        size = (
+            sum(p.shape[1] for p in pictures) + gap * (len(pictures) - 1),
+            max(p.shape[0] for p in pictures) + cap,
+        )
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    x = y = 0
+    for picture, caption in zip(pictures, captions):
+        draw.text((x + 2, y + 2), caption, fill="black")
+        img.paste(Image.fromarray(np.ascontiguousarray(picture)), (x, y + cap))
+        if wide:
+            y += picture.shape[0] + cap + gap
+        else:
+            x += picture.shape[1] + gap
     return np.asarray(img)
 
 

@@ -232,7 +232,7 @@ def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
             rows = []
             for n, row in a["clients"].items():
                 for name in ("trivial image", "predict image", "trivial text", "predict text", "attention image",
-                             "cross_attention image+text"):  # fmt: skip
+                             "cross_attention image+text", "attention image (client defaults)"):  # fmt: skip
                     if name in row:
                         kind = name.split()[1]
                         over = row.get(f"predict {kind} overhead_ms") if name.startswith("predict") else None
@@ -242,7 +242,10 @@ def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
             out += _table(["clients", "endpoint", "p50 ms", "p95 ms", "p99 ms", "p50 over trivial, ms",
                            "requests/s (all endpoints)"], rows)  # fmt: skip
             out += [f"Explorer on an untrained `{a['preset']}` checkpoint; both apps queue "
-                    f"{a['concurrency_limit']} calls at once (app.concurrency_limit); Gradio {a['gradio']}.", ""]  # fmt: skip
+                    f"{a['concurrency_limit']} calls at once (app.concurrency_limit); Gradio {a['gradio']}. "
+                    "Clients use `ssl_verify=False` (plain http on loopback: no TLS either way); with "
+                    "gradio_client's default every request first builds an SSL context, the "
+                    "`(client defaults)` row.", ""]  # fmt: skip
 
     if "scaling" in s:
         sc = s["scaling"]

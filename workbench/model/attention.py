@@ -66,6 +66,22 @@ class CapturedAttention(dict):
         self.outputs: dict[str, Tensor] = {}
 
 
+def init_linear(m: nn.Module, scheme: str = "trunc_normal") -> None:
+    """``model.init`` for one Linear (zero bias): ``trunc_normal`` (std 0.02, timm's ViT; tuned at width
+    768) or ``xavier`` (uniform, the JAX ViT's and MAE's), which keeps narrow layers on their input's
+    scale. Measured (one seed each), one image/digit head trained alone for 300 updates of 64: test
+    accuracy 33% with trunc_normal vs 66% with xavier on ``tiny`` (lr 2e-3; a plain 1-block ViT of the
+    same width: 61%), 50% vs 71% on ``small`` (lr 3e-4). But the full two-stream stage 3 on ``tiny``
+    (600 updates, lr 2e-3, quarter data) did worse with xavier (audio/digit 10% vs 28%, image/digit 23%
+    both), so the default stays trunc_normal until a multi-seed study of the stages settles it."""
+    if scheme == "xavier":
+        nn.init.xavier_uniform_(m.weight)
+    else:
+        nn.init.trunc_normal_(m.weight, std=0.02)
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
 class Attention(nn.Module):
     """Multi-head attention; ``context`` given -> cross-attention (queries from ``x``, keys/values from
     ``context``, whose width ``kv_dim`` may differ: the K/V projections map it to ``dim``)."""
@@ -166,12 +182,12 @@ class Block(nn.Module):
         self.moe = False
         self._mlp_shape = (dim, mlp_ratio, dropout)
 
-    def use_moe(self, experts: int, top_k: int) -> None:
+    def use_moe(self, experts: int, top_k: int, init: str = "trunc_normal") -> None:
         """Replace the dense MLP by ``experts`` routed MLPs of the same shape (freshly initialised)."""
         from workbench.model.moe import MoEFeedForward  # moe.py builds on this module
 
         dim, ratio, dropout = self._mlp_shape
-        self.mlp = MoEFeedForward(dim, ratio, experts, top_k, dropout)
+        self.mlp = MoEFeedForward(dim, ratio, experts, top_k, dropout, init)
         self.moe = True
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
@@ -202,14 +218,16 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             block.attn.name = f"{name}.{i}"
 
-    def use_moe(self, blocks: Iterable[int], experts: int, top_k: int) -> list[str]:
+    def use_moe(
+        self, blocks: Iterable[int], experts: int, top_k: int, init: str = "trunc_normal"
+    ) -> list[str]:
         """Make the given blocks mixture-of-experts blocks (those already MoE are kept); return their
         names ``<name>.<block>``."""
         names = []
         for i in blocks:
             block = self.blocks[i]
             if not block.moe:
-                block.use_moe(experts, top_k)
+                block.use_moe(experts, top_k, init)
                 block.mlp.name = f"{self.name}.{i}"
             names.append(f"{self.name}.{i}")
         return names

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from workbench.model.attention import Mlp, Transformer
+from workbench.model.attention import Mlp, Transformer, init_linear
 
 
 def load_balancing_loss(probs: Tensor, chosen: Tensor, experts: int) -> Tensor:
@@ -70,7 +70,15 @@ def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
 class MoEFeedForward(nn.Module):
     """Top-k routed experts in place of a block's dense MLP; ``forward(x (B, N, D), padding (B, N))``."""
 
-    def __init__(self, dim: int, mlp_ratio: float, experts: int, top_k: int, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        mlp_ratio: float,
+        experts: int,
+        top_k: int,
+        dropout: float = 0.0,
+        init: str = "trunc_normal",
+    ):
         super().__init__()
         if not 1 <= top_k <= experts:
             raise ValueError(f"top_k={top_k} must be in [1, experts={experts}]")
@@ -80,15 +88,16 @@ class MoEFeedForward(nn.Module):
         self.name = ""  # "<transformer>.<block>", set by Transformer.use_moe
         self.last_counts: Tensor | None = None  # (E,) assignments per expert in the last forward
         self._aux: list[Tensor] = []  # auxiliary losses of training forwards since the last collect_aux
-        self.reset_parameters()
+        self.reset_parameters(init)
 
-    def reset_parameters(self) -> None:
-        """The network's Linear init (truncated normal, std 0.02; zero biases): a near-uniform router."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
+    def reset_parameters(self, scheme: str = "trunc_normal") -> None:
+        """Experts get the network's Linear init (``model.init``); the router a small truncated normal
+        (std 0.02), so routing starts near uniform and load balancing has something to shape."""
+        for m in self.modules():  # router first, then the experts
+            if m is self.router:
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                init_linear(m, scheme)
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
         B, N, D = x.shape
@@ -146,7 +155,7 @@ def apply_moe(model: nn.Module) -> list[str]:
     names: list[str] = []
     for module in model.modules():
         if isinstance(module, Transformer) and layers.get(module.name):
-            names += module.use_moe(layers[module.name], cfg.moe_experts, cfg.moe_top_k)
+            names += module.use_moe(layers[module.name], cfg.moe_experts, cfg.moe_top_k, cfg.init)
     return names
 
 

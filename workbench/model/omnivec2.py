@@ -50,7 +50,7 @@ from workbench.config import Config
 from workbench.errors import ConfigError
 from workbench.modalities import MODALITIES, TaskSpec
 from workbench.model import attention as attn
-from workbench.model.attention import CrossAttention, Transformer
+from workbench.model.attention import CrossAttention, Transformer, init_linear
 from workbench.model.heads import HEADS, MaskedDecoder, masked_mean
 from workbench.model.masking import Masked, bert_corruption, random_masking
 from workbench.model.moe import apply_moe
@@ -128,11 +128,9 @@ def _cat_padding(pa: Tensor | None, pb: Tensor | None, na: int, nb: int, B: int,
     return torch.cat([pa, pb], dim=1)
 
 
-def _init_weights(m: nn.Module) -> None:
+def _init_weights(m: nn.Module, scheme: str = "trunc_normal") -> None:
     if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+        init_linear(m, scheme)
     elif isinstance(m, nn.Embedding):
         nn.init.normal_(m.weight, std=0.02)
     elif isinstance(m, nn.LayerNorm):
@@ -194,7 +192,7 @@ class OmniVec2(nn.Module):
                 for m in self.modalities
             }
             setattr(self, f"decoders{stage}", nn.ModuleDict(decoders))
-        self.apply(_init_weights)
+        self.apply(lambda m: _init_weights(m, cfg.init))
         self.f.reset_fc()
         self.tokenizers.reset_parameters()  # unit-gain token content (see tokenizers.py)
         apply_moe(self)  # IMP: the blocks model.moe_* names become mixture-of-experts (no-op when dense)
