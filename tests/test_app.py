@@ -2,7 +2,8 @@
 
 A tiny checkpoint is trained once per session on the small data variant; the app serves it on a
 free loopback port. Properties: predictions match `workbench predict` on the same files and name
-the right digit for clear test images; attention matrices have the token-grid shapes and softmax
+the right digit for clear test images (the most typical of each digit, chosen without any model, read by
+a second checkpoint trained on images alone); attention matrices have the token-grid shapes and softmax
 rows; cross-attention comes in both directions with transposed shapes; silencing nothing changes
 nothing while silencing a whole layer changes the outputs; the head scan is layers x heads; every
 bad input gets its one-sentence error and the next good request is still answered; a real browser
@@ -41,18 +42,32 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 TRAIN = ["model.preset=tiny", "data.scale=0.1", "train.steps=200", "train.batch_size=64", "train.lr=5e-4",
          "train.warmup_steps=10", "train.log_every=100", "train.tracker=none"]  # fmt: skip
+# A checkpoint that reads digits: the image tasks alone, every update through the inference path,
+# xavier init. Measured: 64.8% test accuracy, 16 of the 20 typical images below right (~50 s, 1 thread).
+READER = ["model.preset=tiny", "model.init=xavier", "data.modalities=[image]", "data.scale=0.5",
+          "train.steps=600", "train.batch_size=64", "train.lr=3e-3", "train.warmup_steps=20",
+          "train.single_stream=1", "train.log_every=100", "train.tracker=none"]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    cfg = resolve_run(3, (), TRAIN, init=None, out="unused")[0]
+def _train(overrides: list[str], out: Path) -> Path:
+    cfg = resolve_run(3, (), overrides, init=None, out="unused")[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is faster, and immune to other processes' load
     try:
-        return train(cfg, tmp_path_factory.mktemp("app") / "run").checkpoint
+        return train(cfg, out).checkpoint
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return _train(TRAIN, tmp_path_factory.mktemp("app") / "run")
+
+
+@pytest.fixture(scope="module")
+def reader(tmp_path_factory) -> Path:
+    return _train(READER, tmp_path_factory.mktemp("reader") / "run")
 
 
 def _load_app():
@@ -83,9 +98,36 @@ def client(app) -> Client:
 
 
 @pytest.fixture(scope="module")
+def typical_images(reader, tmp_path_factory) -> list[tuple[str, str]]:
+    """(PNG file, digit) of the two test images of each digit that correlate best with the mean
+    training image of that digit: clear examples chosen from the data alone, no model involved."""
+    out = tmp_path_factory.mktemp("typical")
+    cfg = from_dict(read_saved_config(reader / "config.json"))
+    bench = load_benchmark(cfg.data, seed=cfg.seed)
+    train_set, test_set = bench.dataset("image", "digit", "train"), bench.dataset("image", "digit", "test")
+
+    def flat(ds):
+        x = torch.stack([torch.as_tensor(ds[i][0]) for i in range(len(ds))]).flatten(1).float()
+        x = x - x.mean(1, keepdim=True)
+        return x / x.norm(dim=1, keepdim=True)
+
+    x_train, x_test = flat(train_set), flat(test_set)
+    y_train, y_test = train_set.labels, test_set.labels
+    files = []
+    for d in range(10):
+        mean = x_train[y_train == d].mean(0)
+        rows = torch.nonzero(y_test == d).flatten()
+        for i in rows[(x_test[rows] @ mean).argsort(descending=True)[:2]].tolist():
+            files.append(
+                (explore.save_medium(test_set[i][0], out / f"digit{d}-{i}"), test_set.spec.labels[d])
+            )
+    return files
+
+
+@pytest.fixture(scope="module")
 def media(checkpoint, tmp_path_factory) -> dict:
-    """Test-split items as files: the five clearest images (right, most confident) and one of each
-    other modality, plus the digit each image shows."""
+    """Test-split items as files: the five images the checkpoint is most confident about and one of
+    each other modality."""
     out = tmp_path_factory.mktemp("media")
     predictor = Predictor.from_checkpoint(checkpoint)
     model = predictor.model
@@ -97,8 +139,6 @@ def media(checkpoint, tmp_path_factory) -> dict:
     clear = score.argsort(descending=True)[:5].tolist()
     files = {
         "images": [explore.save_medium(images[i][0], out / f"clear-{i}") for i in clear],
-        "digits": [images.spec.labels[int(images[i][1])] for i in clear],
-        "known": int((r["pred"] == r["y"])[clear].sum()),
     }
     for modality in ("audio", "text", "video"):
         ds = bench.dataset(modality, "digit", "test")
@@ -133,13 +173,22 @@ def test_predict_every_medium_matches_the_cli(client, media, checkpoint):
         assert g["latency_ms"] > 0
 
 
-def test_predict_names_the_digit_of_clear_test_images(client, media):
-    right = 0
-    for path, digit in zip(media["images"], media["digits"]):
-        (got,) = client.predict(image=handle_file(path), api_name="/predict")
-        right += got["tasks"]["digit"]["label"] == digit
-    # the images the model itself gets right, round-tripped through PNG, upload and the decoder
-    assert right >= min(3, media["known"]), (right, media["known"])
+def test_predict_names_the_digit_of_clear_test_images(reader, typical_images):
+    threads = torch.get_num_threads()
+    demo = _load_app().launch(reader, port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        c = Client(demo.local_url, verbose=False, ssl_verify=False)
+        predictor = Predictor.from_checkpoint(reader)
+        right = 0
+        for path, digit in typical_images:  # PNG file -> upload -> the app's decoder -> the model
+            (got,) = c.predict(image=handle_file(path), api_name="/predict")
+            label = got["tasks"]["digit"]["label"]
+            assert label == predictor.predict("image", path).to_json()["tasks"]["digit"]["label"]
+            right += label == digit
+    finally:
+        demo.close()
+        torch.set_num_threads(threads)
+    assert right >= 14, f"{right} of {len(typical_images)} typical test images read right (chance: 2)"
 
 
 def test_concurrent_requests_are_all_answered(client, media):

@@ -133,3 +133,50 @@ def test_runs_per_seed_seeds_each_run_and_reuses_finished_ones(tmp_path):
     assert out == {"a": {0: {"seed": 0}, 1: {"seed": 1}}, "b": {0: {"seed": 0}, 1: 0.5}}
     assert [(n, s) for n, s, _ in calls] == [("a", 0), ("a", 1), ("b", 0)]
     assert calls[2][2] == tmp_path / "b" / "seed0"
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_single_stream_updates_train_the_inference_path_and_skip_fusion(share):
+    from workbench.config import load_config
+    from workbench.modalities import default_tasks
+    from workbench.model import build_model
+    from workbench.model.synthetic import synthetic_batch
+    from workbench.train.objectives import MultitaskSupervised
+
+    torch.manual_seed(0)
+    cfg = load_config(overrides=["model.preset=tiny", f"train.single_stream={share}"])
+    tasks = {t.key: t for t in default_tasks()}
+    model = build_model(cfg, list(tasks.values()))
+    objective = MultitaskSupervised(model, cfg, list(tasks.values()))
+    a, b = synthetic_batch(tasks["image/digit"], 4), synthetic_batch(tasks["audio/digit"], 4, seed=1)
+    loss, parts = objective([a, b], step=0)
+    loss.backward()
+    assert set(parts) == {"image/digit", "audio/digit"}
+    fused = any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.A.parameters())
+    assert fused == (share == 0.0)  # single-stream updates never touch the cross-attention
+    for key in ("image/digit", "audio/digit"):
+        assert all(p.grad is not None for p in model.heads[key].parameters())
+    if share == 0.0:
+        with torch.no_grad():  # the pair update is exactly the two-stream forward
+            pa, pb = model.forward_pair(a, b)
+        assert torch.allclose(parts["image/digit"], model.task_loss("image/digit", pa, a.y))
+        assert torch.allclose(parts["audio/digit"], model.task_loss("audio/digit", pb, b.y))
+
+
+def test_single_stream_share_is_drawn_per_update_from_the_seed():
+    from workbench.config import load_config
+    from workbench.modalities import default_tasks
+    from workbench.model import build_model
+    from workbench.train.objectives import MultitaskSupervised
+
+    cfg = load_config(overrides=["model.preset=tiny", "train.single_stream=0.3"])
+    tasks = default_tasks()
+    objective = MultitaskSupervised(build_model(cfg, tasks), cfg, tasks)
+    draws = [objective.single_stream(step) for step in range(2000)]
+    assert draws == [objective.single_stream(step) for step in range(2000)]  # replayable on resume
+    assert 0.27 < sum(draws) / len(draws) < 0.33
+    plain_cfg = load_config(overrides=["model.preset=tiny"])
+    plain = MultitaskSupervised(build_model(plain_cfg, tasks), plain_cfg, tasks)
+    assert [objective.plan(s) for s in range(50)] == [
+        plain.plan(s) for s in range(50)
+    ]  # the plan (pairs and tasks) does not depend on the share

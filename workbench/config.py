@@ -305,6 +305,9 @@ class TrainConfig:
     )
     balancer: str = "dwa"  # dwa (Dynamic Weight Average) | uncertainty | equal
     schedule: str = "pairs"  # stage 3: pairs (OmniVec2: two streams per update) | alternating (IMP: one)
+    single_stream: float = (
+        0.0  # pairs: share of updates whose two batches run h(g(f(x))) alone, as inference does
+    )
     vary_resolution: bool = True  # alternating: image grid, video frames, audio length drawn per update
     dwa_temperature: float = 2.0  # T in DWA's softmax over loss-descent rates (Liu et al. 2019)
     balance_window: int = 20  # optimiser steps per DWA "epoch" (losses are averaged over a window)
@@ -323,6 +326,7 @@ class TrainConfig:
             _check_range(f"train.{name}", getattr(self, name), lo=0)
         _check_range("train.lr", self.lr, lo=1e-12, hi=10.0)
         _check_range("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_range("train.single_stream", self.single_stream, 0.0, 1.0)
         _check_range("train.keep_checkpoints", self.keep_checkpoints, lo=1)
         for m, r in self.mask_ratio.items():
             _check_choice("train.mask_ratio key", m, MODALITIES)

@@ -164,7 +164,13 @@ class PairwiseMasked(Objective):
 
 class MultitaskSupervised(Objective):
     """Stage 3: a random modality pair, one random task each, half the batch from each; the sum of the
-    two task losses, each scaled by the task balancer (DWA by default)."""
+    two task losses, each scaled by the task balancer (DWA by default).
+
+    The two-stream forward feeds each head ``A(x_hat_ij, x_i)``, but inference is single-stream
+    (``h(g(f(x)))``, METHOD.md section 1), a path pure pair updates never train. With
+    ``train.single_stream = p`` a share p of the updates (drawn per update from the seed, so resumes
+    replay them) runs both batches through the single-stream forward instead, same tasks and losses.
+    """
 
     stage = 3
 
@@ -174,6 +180,7 @@ class MultitaskSupervised(Objective):
         self.balancer = TaskBalancer(
             [s.key for s in self.tasks], t.balancer, t.dwa_temperature, t.balance_window
         )
+        self.single_stream_share = t.single_stream
 
     def stream_batch_size(self) -> int:
         return max(1, self.batch_size // 2)
@@ -186,9 +193,20 @@ class MultitaskSupervised(Objective):
             keys.append(options[int(rng.integers(len(options)))])
         return keys
 
+    def single_stream(self, step: int, micro: int = 0) -> bool:
+        """Whether this update runs the single-stream forward (a pure function of seed, step, micro)."""
+        p = self.single_stream_share
+        if p <= 0:
+            return False  # no draw: pair-only runs stay exactly as before the option existed
+        return bool(np.random.default_rng([self.seed, self.stage, step, micro, 2]).random() < p)
+
     def forward(self, batches: list[Batch], step: int, micro: int = 0):
         a, b = batches
-        pred_a, pred_b = self.model.forward_pair(a, b)
+        if self.single_stream(step, micro):
+            pred_a = self.model.forward_single(a, tasks=[a.task])[a.task]
+            pred_b = self.model.forward_single(b, tasks=[b.task])[b.task]
+        else:
+            pred_a, pred_b = self.model.forward_pair(a, b)
         losses = _average(
             [(x.key, self.model.task_loss(x.key, p, x.y)) for x, p in ((a, pred_a), (b, pred_b))]
         )
