@@ -6,6 +6,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PROFILE ?= quick
 JOBS    ?= 1
+OVERRIDES ?=
 CHECKPOINT ?=
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
@@ -45,8 +46,8 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 data: $(STAMP)  ## build the embedded dataset cache
 	$(VENV)/bin/workbench data build
 
-reports: $(STAMP)  ## the notebook pipeline only (PROFILE=quick|full, JOBS=n notebooks at once)
-	$(VENV)/bin/workbench pipeline --profile $(PROFILE) --jobs $(JOBS)
+reports: $(STAMP)  ## the notebook pipeline only (PROFILE=quick|full, JOBS=n at once, OVERRIDES="k=v ...")
+	$(VENV)/bin/workbench pipeline --profile $(PROFILE) --jobs $(JOBS) $(OVERRIDES)
 
 app: $(STAMP)  ## the Gradio app only (CHECKPOINT=dir, default the newest in runs/)
 	$(VENV)/bin/workbench app $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))

@@ -380,3 +380,30 @@ def test_missing_declared_output_fails_the_notebook(tmp_path):
         run_pipeline("tiny", tmp_path / "r", registry=[spec], notebooks_dir=tmp_path, log=None)
     assert exc.value.result.notebooks[0].status == "failed"
     assert (tmp_path / "r" / "a.html").is_file()
+
+
+def test_user_overrides_go_last_into_every_notebook_that_declares_overrides(tmp_path):
+    from workbench.report.pipeline import notebook_parameters
+
+    own = NotebookSpec("imp", "imp.ipynb", parameters={"full": {"overrides": ["train.lr=2e-3"]}})
+    plain = NotebookSpec("stage", "stage.ipynb")
+    declared = {"profile", "seeds", "steps", "preset", "overrides", "output_dir"}
+    user = ["model.preset=tiny", "train.steps=600"]
+    got = notebook_parameters(own, "full", tmp_path, declared, user)
+    assert got["overrides"] == ["train.lr=2e-3", *user] and got["steps"] == 1500  # the profile's steps stay
+    assert notebook_parameters(plain, "tiny", tmp_path, declared, user)["overrides"] == [
+        "train.batch_size=8", "data.scale=0.1", *user
+    ]  # fmt: skip
+    assert "overrides" not in notebook_parameters(plain, "tiny", tmp_path, {"output_dir"}, user)
+    assert notebook_parameters(plain, "tiny", tmp_path, declared)["overrides"] == [
+        "train.batch_size=8",
+        "data.scale=0.1",
+    ]
+
+
+def test_cli_bad_override_exits_2_before_any_kernel(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["pipeline", "--profile", "tiny", "--out", str(out), "model.presett=tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "model.preset" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

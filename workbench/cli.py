@@ -168,7 +168,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from workbench.report import NotebookFailed, run_pipeline
 
     try:
-        result = run_pipeline(args.profile, args.out, only=args.only or (), jobs=args.jobs)
+        result = run_pipeline(
+            args.profile, args.out, only=args.only or (), jobs=args.jobs, overrides=args.overrides
+        )
     except NotebookFailed as err:  # a notebook's bug, not bad input: exit 1, the index is still written
         print(f"workbench pipeline: error: {err}", file=sys.stderr)
         print(f"report (partial): {err.result.index_html}")
@@ -344,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="run up to N independent notebooks at once, each kernel with cpu_count/N threads (default 1)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides for every notebook that trains (after the profile's), e.g. model.preset=tiny",
     )
 
     p = add("app", cmd_app, "serve the Gradio attention explorer")

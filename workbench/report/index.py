@@ -173,7 +173,7 @@ def render_index(data: dict[str, Any]) -> str:
 </head>
 <body>
 <h1>workbench report: {escape(data["run"])}</h1>
-<p class="meta"><span>profile <b>{escape(data["profile"])}</b></span><span>started {escape(data["started"])}</span>
+<p class="meta"><span>profile <b>{escape(data["profile"])}</b>{_overrides(data)}</span><span>started {escape(data["started"])}</span>
 <span>wall time {_duration(data["seconds"])}</span><span>{escape(summary)}</span></p>
 <p class="meta">{escape(machine)}</p>
 
@@ -207,6 +207,11 @@ def _update_latest(run_dir: Path) -> Path:
     marker = run_dir.parent / "LATEST"
     marker.write_text(run_dir.name + "\n")
     return marker
+
+
+def _overrides(data: dict) -> str:
+    given = data.get("overrides") or []
+    return f" with <code>{escape(' '.join(given))}</code>" if given else ""
 
 
 def write_index(result: PipelineResult) -> Path:

@@ -80,6 +80,7 @@ class PipelineResult:
     seconds: float
     machine: dict[str, Any]
     notebooks: list[NotebookResult]
+    overrides: list[str] = field(default_factory=list)  # the user's config overrides for every notebook
 
     @property
     def failed(self) -> NotebookResult | None:
@@ -93,6 +94,7 @@ class PipelineResult:
         return {
             "run": self.run_dir.name,
             "profile": self.profile,
+            "overrides": list(self.overrides),
             "started": self.started,
             "seconds": round(self.seconds, 2),
             "machine": self.machine,
@@ -134,11 +136,18 @@ def declared_parameters(path: Path) -> set[str]:
 
 
 def notebook_parameters(
-    spec: NotebookSpec, profile: str, run_dir: Path, declared: set[str]
+    spec: NotebookSpec, profile: str, run_dir: Path, declared: set[str], overrides: Sequence[str] = ()
 ) -> dict[str, Any]:
-    """The parameters papermill injects: profile defaults the notebook declares, its own, its wiring."""
+    """The parameters papermill injects: profile defaults the notebook declares, its own, its wiring.
+
+    ``overrides`` (the user's ``key=value`` config overrides) go last in the ``overrides`` parameter of
+    every notebook that declares one, so they win over the profile's and the notebook's own settings.
+    """
     params = {k: v for k, v in PROFILE_DEFAULTS[profile].items() if k in declared}
     wired: dict[str, Any] = dict(spec.parameters_for(profile))
+    if overrides and "overrides" in declared:
+        base = wired.get("overrides", params.get("overrides", []))
+        wired["overrides"] = [*base, *overrides]
     wired["output_dir"] = str(run_dir / "artifacts" / spec.name)
     for param, refs in input_refs(spec).items():
         paths = [str(run_dir / "artifacts" / ref) for ref in refs]
@@ -264,12 +273,14 @@ def run_pipeline(
     notebooks_dir: str | Path | None = None,
     only: Iterable[str] = (),
     jobs: int = 1,
+    overrides: Sequence[str] = (),
     log: Callable[[str], None] | None = print,
 ) -> PipelineResult:
     """Execute the registry's notebooks in dependency order and write the report; return its result.
 
     ``only`` restricts the run to those notebooks and their upstream dependencies. ``jobs`` > 1 runs
-    up to that many independent notebooks at once (each kernel gets ``cpu_count // jobs`` threads). Raises
+    up to that many independent notebooks at once (each kernel gets ``cpu_count // jobs`` threads).
+    ``overrides`` are config ``key=value`` pairs for every notebook that trains (validated first). Raises
     ConfigError (before any work) for bad input, NotebookFailed after the index is written if a
     notebook fails.
     """
@@ -279,6 +290,11 @@ def run_pipeline(
     check_profile(profile)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs must be a whole number >= 1; got {jobs!r}")
+    overrides = list(overrides)
+    if overrides:
+        from workbench.config import load_config
+
+        load_config(overrides=overrides)  # unknown keys and bad values fail here, before any kernel
     registry = tuple(default_registry() if registry is None else registry)
     validate(registry)
     order = topological_order(registry)
@@ -292,13 +308,16 @@ def run_pipeline(
     for spec in order:
         source = nb_dir / spec.path
         exists = spec.name in selected and source.is_file()
-        params = notebook_parameters(spec, profile, run_dir, declared_parameters(source)) if exists else None
+        declared = declared_parameters(source) if exists else set()
+        params = notebook_parameters(spec, profile, run_dir, declared, overrides) if exists else None
         plans.append((spec, source, params))
     _prepare_run_dir(run_dir)
 
     started, t_start = datetime.now().astimezone(), time.perf_counter()
     results: dict[str, NotebookResult] = {}
-    result = PipelineResult(run_dir, profile, started.isoformat(timespec="seconds"), 0.0, machine_info(), [])
+    result = PipelineResult(
+        run_dir, profile, started.isoformat(timespec="seconds"), 0.0, machine_info(), [], overrides
+    )
     try:
         _schedule(plans, selected, jobs, run_dir, nb_dir, results, say)
     finally:  # also on Ctrl-C: the index shows how far the run got
