@@ -5,7 +5,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PROFILE ?= quick
-JOBS    ?= 1
+JOBS    ?= 2
 OVERRIDES ?=
 CHECKPOINT ?=
 PYTEST_ARGS ?=
@@ -26,7 +26,7 @@ setup: $(STAMP)  ## create .venv and install the project (skipped when up to dat
 
 run: $(STAMP)  ## build the data, run the quick notebook pipeline, then serve the app on :7860
 	$(VENV)/bin/workbench data build
-	$(VENV)/bin/workbench pipeline --profile quick
+	$(VENV)/bin/workbench pipeline --profile quick --jobs $(JOBS)
 	@echo "report: reports/latest/index.html"
 	$(VENV)/bin/workbench app --checkpoint reports/latest/artifacts/03_stage3_multitask/run/checkpoint
 
