@@ -14,6 +14,7 @@ from workbench.config import load_config
 from workbench.errors import CheckpointError, ConfigError, MediaError
 from workbench.modalities import MODALITIES, SAMPLE_RATE, TaskSpec, default_tasks
 from workbench.model import OmniVec2, TextTokenizer, build_model
+from workbench.model.patching import grid_to_signal
 from workbench.model.synthetic import synthetic_batch
 
 TASKS = default_tasks()
@@ -98,6 +99,7 @@ def _grads_missing(model: OmniVec2, prefixes: tuple[str, ...]) -> list[str]:
         ("tiny", ("model.tokenizer=unified", "model.task_head=unified")),
         ("tiny", ("model.task_head=autoencoder",)),
         ("tiny", ("model.tokenizer=unified",)),
+        ("tiny", ("model.stem=conv",)),
     ],
 )
 def test_two_stream_training_reaches_every_parameter(preset, overrides):
@@ -207,19 +209,58 @@ def _visible_like(out):
     return V
 
 
-def test_removed_pixels_cannot_leak_into_the_prediction():
-    """Changing only the removed (and padded) tokens' pixels leaves every prediction identical."""
-    model = model_for("tiny")
-    b = batch("image/digit", 3)
+def _removed_signal(model: OmniVec2, b: Batch, mask: torch.Tensor) -> torch.Tensor:
+    """The removed tokens' mask (B, N) as a boolean picture/clip shaped like ``b.x``."""
+    patcher = model.patchers[b.modality]
+    p = patcher(b.x, b.lengths)
+    per_value = mask.bool().unsqueeze(-1).expand(-1, -1, patcher.patch_numel)
+    signal = grid_to_signal(per_value, p.grid, patcher.patch_shape)  # (B, 1, ...)
+    return signal if b.modality == "image" else signal.transpose(1, 2)  # video: (B, T, 1, H, W)
+
+
+@pytest.mark.parametrize("stem", ["linear", "conv"])
+@pytest.mark.parametrize("key", ["image/digit", "video/digit"])
+def test_removed_pixels_cannot_leak_into_the_prediction(key, stem):
+    """Changing only the removed tokens' pixels leaves every prediction identical, also through a
+    convolutional stem whose receptive field crosses patch borders (it sees removed patches as zeros)."""
+    model = model_for("tiny", f"model.stem={stem}")
+    b = batch(key, 3)
     gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
     with torch.no_grad():
         out = model.forward_masked(b, 0.75, generator=gen())
-        removed = out.mask.bool().view(3, 7, 7).repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None]
-        x2 = torch.where(removed, torch.rand_like(b.x), b.x)
+        x2 = torch.where(_removed_signal(model, b, out.mask), torch.rand_like(b.x), b.x)
         out2 = model.forward_masked(Batch(b.modality, b.task, x2, b.y), 0.75, generator=gen())
+        # the same change made to kept pixels does reach the prediction
+        x3 = torch.where(_removed_signal(model, b, 1 - out.mask), torch.rand_like(b.x), b.x)
+        out3 = model.forward_masked(Batch(b.modality, b.task, x3, b.y), 0.75, generator=gen())
     assert torch.equal(out.mask, out2.mask)
     torch.testing.assert_close(out.pred, out2.pred, atol=1e-6, rtol=0)
     assert not torch.allclose(out.target, out2.target)
+    assert not torch.allclose(out.pred, out3.pred, atol=1e-4)
+
+
+def test_conv_stem_tokens_see_across_patch_borders_and_keep_the_grid():
+    """Unmasked, a stem token depends on its neighbours' pixels (a linear patch token does not)."""
+    b = batch("image/digit", 2)
+    for stem, crosses in (("linear", False), ("conv", True)):
+        model = model_for("tiny", f"model.stem={stem}")
+        with torch.no_grad():
+            _, x, _ = model.tokenize(b)
+            x2 = b.x.clone()
+            x2[:, :, 4:8, 4:8] += 1.0  # the pixels of token (1, 1) only
+            _, y, _ = model.tokenize(Batch(b.modality, b.task, x2, b.y))
+        changed = (x - y).abs().amax(-1).view(2, 7, 7) > 1e-6
+        # 3x3 stride-2 twice: token j sees pixels 4j-3 .. 4j+3, so pixels 4-7 reach tokens 1 and 2
+        expect = torch.zeros(7, 7, dtype=torch.bool)
+        expect[1:3, 1:3] = crosses
+        expect[1, 1] = True
+        assert torch.equal(changed, expect.expand(2, 7, 7)), stem
+
+
+def test_conv_stem_needs_power_of_two_patches():
+    cfg = load_config(overrides=["model.preset=tiny", "model.stem=conv", "model.patch_size=7"])
+    with pytest.raises(ConfigError, match="powers of two"):
+        build_model(cfg, TASKS)
 
 
 def test_audio_masking_with_variable_lengths_keeps_no_padding():
@@ -258,6 +299,22 @@ def test_save_load_reproduces_outputs_exactly(tmp_path):
         pb = loaded.forward_pair(batch("image/digit"), batch("text/digit"))
         assert torch.equal(pa[0], pb[0]) and torch.equal(pa[1], pb[1])
     model.text_tokenizer = None
+
+
+def test_conv_stem_checkpoints_round_trip_and_older_ones_load_linear(tmp_path):
+    b = batch("video/digit")
+    conv = model_for("tiny", "model.stem=conv")
+    conv.save_pretrained(tmp_path / "conv")
+    loaded = OmniVec2.from_pretrained(tmp_path / "conv")
+    assert loaded.config.model.stem == "conv"
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_single(b)["digit"], conv.forward_single(b)["digit"])
+    linear = model_for("tiny")
+    linear.save_pretrained(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "config.json").read_text())
+    del meta["model"]["stem"]  # written before model.stem existed
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    assert OmniVec2.from_pretrained(tmp_path / "old").config.model.stem == "linear"
 
 
 def test_head_pool_reads_the_token_mean_or_the_cls_and_old_checkpoints_keep_cls(tmp_path):

@@ -19,6 +19,7 @@ from workbench.model.patching import (
     ImagePatcher,
     TextPatcher,
     VideoPatcher,
+    grid_to_signal,
     patchify_2d,
     sincos_embedding,
     unpatchify_2d,
@@ -179,6 +180,32 @@ def test_patchify_unpatchify_are_inverse():
     torch.testing.assert_close(vid.unpatchify(p.values, (8, 1, 32, 32)), clip)
     # the first tubelet holds frames 0-1, rows 0-7, columns 0-7
     torch.testing.assert_close(p.values[0, 0].view(2, 8, 8), clip[0, :2, 0, :8, :8])
+
+
+def test_grid_to_signal_lays_every_patcher_out_as_its_signal():
+    """The conv stem's view of the patches: the picture, the clip, the spectrogram, each in one piece."""
+    cfg = load_config(overrides=["model.preset=tiny"]).model
+    img = ImagePatcher(cfg)
+    x = torch.rand(2, 1, 28, 28)
+    p = img(x)
+    torch.testing.assert_close(
+        grid_to_signal(p.values, p.grid, img.patch_shape), (x - cfg.image_norm[0]) / cfg.image_norm[1]
+    )
+    vid = VideoPatcher(cfg)
+    clip = torch.rand(2, 8, 1, 32, 32)
+    p = vid(clip)
+    want = ((clip - cfg.video_norm[0]) / cfg.video_norm[1]).transpose(1, 2)  # (B, C, T, H, W)
+    torch.testing.assert_close(grid_to_signal(p.values, p.grid, vid.patch_shape), want)
+    aud = AudioPatcher(cfg)
+    wave = torch.randn(2, SAMPLE_RATE // 2)
+    p = aud(wave)
+    spec = grid_to_signal(p.values, p.grid, aud.patch_shape)  # (B, 1, time, mel)
+    assert spec.shape == (2, 1, p.grid[0] * aud.pt, cfg.n_mels)
+    # the first token holds frames 0..pt-1 of mel bins 0..pf-1; the second the next pf bins
+    torch.testing.assert_close(p.values[:, 0].view(2, aud.pt, aud.pf), spec[:, 0, : aud.pt, : aud.pf])
+    torch.testing.assert_close(
+        p.values[:, 1].view(2, aud.pt, aud.pf), spec[:, 0, : aud.pt, aud.pf : 2 * aud.pf]
+    )
 
 
 def test_sincos_positions_are_distinct_and_bounded():

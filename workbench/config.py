@@ -116,6 +116,7 @@ class ModelConfig:
     decoder_dim: int = 96  # masked-prediction decoders (stage 1 and 2) and autoencoder heads
     decoder_depth: int = 1  # transformer blocks in each decoder
     decoder_heads: int = 3  # attention heads in each decoder
+    stem: str = "linear"  # signal tokens in the specific tokenizers: linear (patch projection) | conv (stem)
     init: str = "trunc_normal"  # transformer Linear weights: trunc_normal (std 0.02, timm ViT) | xavier (MAE)
     dropout: float = 0.0  # dropout on attention weights and MLP/projection outputs
     drop_path: float = 0.0  # stochastic depth (max rate, linear over f's and g's blocks)
@@ -152,6 +153,7 @@ class ModelConfig:
         _check_choice("model.fusion", self.fusion, ("hybrid", "early", "late"))
         _check_choice("model.head_pool", self.head_pool, ("mean", "cls"))
         _check_choice("model.init", self.init, ("xavier", "trunc_normal"))
+        _check_choice("model.stem", self.stem, ("linear", "conv"))
         _check_range("model.moe_experts", self.moe_experts, lo=0)
         _check_range("model.moe_every", self.moe_every, lo=1)
         _check_range("model.moe_aux_weight", self.moe_aux_weight, lo=0.0)

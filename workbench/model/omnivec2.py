@@ -174,8 +174,10 @@ class OmniVec2(nn.Module):
         w = cfg.fc_dims[-1]
 
         self.patchers = nn.ModuleDict({m: PATCHERS[m](cfg) for m in self.modalities})  # no parameters
-        tokenizer = UnifiedTokenizer if cfg.tokenizer == "unified" else SpecificTokenizers
-        self.tokenizers = tokenizer(dict(self.patchers), cfg.dim, cfg.text_vocab_size)
+        if cfg.tokenizer == "unified":
+            self.tokenizers = UnifiedTokenizer(dict(self.patchers), cfg.dim, cfg.text_vocab_size)
+        else:
+            self.tokenizers = SpecificTokenizers(dict(self.patchers), cfg.dim, cfg.text_vocab_size, cfg.stem)
         self.f = FeatureTransform(cfg)
         self.A = Fusion(cfg) if cfg.fusion == "hybrid" else None
         self.g = Transformer("g", w, cfg.depth_g, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.drop_path)
@@ -346,10 +348,14 @@ class OmniVec2(nn.Module):
             )
             x, coords = self.tokenizers.embed(batch.modality, replace(p, values=ids))
             return _Visible(x, p.padding, coords, None, mask, p, target)
-        x, coords = self.tokenizers.embed(batch.modality, p)
-        m = random_masking(x, ratio, p.padding, generator)
+        m = random_masking(p.values, ratio, p.padding, generator)  # the draw depends on (B, N) only
+        seen = p
+        if self.tokenizers.mixes_patches(batch.modality):  # a conv stem: hide removed patches from it
+            seen = replace(p, values=p.values * (1.0 - m.mask).unsqueeze(-1).to(p.values.dtype))
+        x, coords = self.tokenizers.embed(batch.modality, seen)
+        kept = torch.gather(x, 1, m.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, dim)
         kept_padding = m.kept_padding if m.kept_padding.any() else None
-        return _Visible(m.kept, kept_padding, coords, m, m.mask, p, target)
+        return _Visible(kept, kept_padding, coords, m, m.mask, p, target)
 
     def _masked_output(self, modality: str, pred: Tensor, v: _Visible) -> MaskedOutput:
         if self.patchers[modality].discrete:

@@ -70,11 +70,28 @@ def normalise_patches(values: Tensor) -> Tensor:
     return (values - mean) / (var + 1e-6) ** 0.5
 
 
+def grid_to_signal(
+    values: Tensor, grid: tuple[int, ...], patch_shape: tuple[int, ...], channels: int = 1
+) -> Tensor:
+    """Patches back to a channel-first signal for convolutions: (B, prod(grid), prod(patch_shape) * C)
+    with the in-patch layout (axis..., channel) -> (B, C, grid[0] * patch_shape[0], grid[1] * ...).
+
+    One function for every signal patcher: images (rows, columns), video tubelets (time, rows, columns)
+    and audio patches (time, mel) all lay a token grid of patches out this way.
+    """
+    B, k = values.shape[0], len(grid)
+    x = values.reshape(B, *grid, *patch_shape, channels)
+    order = [0, 2 * k + 1] + [a for i in range(k) for a in (1 + i, 1 + k + i)]  # B, C, (g_i, p_i)...
+    return x.permute(*order).reshape(B, channels, *[g * p for g, p in zip(grid, patch_shape)])
+
+
 class Patcher(nn.Module):
-    """Base class. Subclasses set ``discrete``, ``patch_numel`` (signals) and ``max_tokens``."""
+    """Base class. Subclasses set ``discrete``, ``patch_numel`` and ``patch_shape`` (signals: the size
+    of a patch along each grid axis, one channel) and ``max_tokens``."""
 
     discrete = False
     patch_numel = 0
+    patch_shape: tuple[int, ...] = ()
     max_tokens = 0
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Patches:
@@ -113,6 +130,7 @@ class ImagePatcher(Patcher):
         self.p = cfg.patch_size
         self.g = IMAGE_SIZE // self.p
         self.patch_numel = self.p * self.p
+        self.patch_shape = (self.p, self.p)
         self.max_tokens = self.g * self.g
 
     def describe(self) -> str:
@@ -163,6 +181,7 @@ class VideoPatcher(Patcher):
         self.t, self.p = cfg.tubelet_frames, cfg.video_patch
         self.grid = (VIDEO_FRAMES // self.t, VIDEO_SIZE // self.p, VIDEO_SIZE // self.p)
         self.patch_numel = self.t * self.p * self.p
+        self.patch_shape = (self.t, self.p, self.p)
         self.max_tokens = math.prod(self.grid)
 
     def describe(self) -> str:
@@ -220,6 +239,7 @@ class AudioPatcher(Patcher):
         self.max_samples = round(cfg.max_audio_seconds * SAMPLE_RATE)
         self.max_seconds = cfg.max_audio_seconds
         self.patch_numel = self.pt * self.pf
+        self.patch_shape = (self.pt, self.pf)
         self.max_tokens = math.ceil(frames_for(self.max_samples, self.hop) / self.pt) * self.gf
         fb, centres = mel_filterbank(cfg.n_mels, self.n_fft, SAMPLE_RATE)
         self.register_buffer("fb", fb, persistent=False)  # (n_mels, n_fft//2+1), rebuilt from the config

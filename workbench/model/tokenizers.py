@@ -24,6 +24,13 @@ The shared weight is one (S + V, dim) matrix with one bias, so ``x_token = [valu
 for every modality; zero padding and one-hot are never materialised (``values @ W[:P]`` and ``W[S + id]``
 compute the same product).
 
+``model.stem=conv`` replaces a signal's linear patch projection in the ``specific`` tokenizers with a
+small convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): 3x3
+stride-2 convolutions with GELU until each output cell covers one patch, then a 1x1 projection to
+``dim``, so the token grid is unchanged. Its receptive field reaches a few pixels into neighbouring
+patches; masked pre-training therefore zeroes the removed patches' values *before* the stem
+(:meth:`SpecificTokenizers.mixes_patches`), so no visible token sees what it must reconstruct.
+
 Initialisation keeps token content on the scale of the inputs (LeCun normal for patch projections,
 N(0, 1) embedding rows), comparable to the unit-amplitude positions; the transformer default (std 0.02)
 would make content ~30x smaller than position and training stalls. No LayerNorm follows the projection:
@@ -37,33 +44,92 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workbench.model.patching import Patcher, Patches, grid_coords, sincos_embedding
+from workbench.errors import ConfigError
+from workbench.model.patching import Patcher, Patches, grid_coords, grid_to_signal, sincos_embedding
+
+
+class ConvStem(nn.Module):
+    """Patches (B, N, prod(patch_shape)) -> tokens (B, N, dim) through convolutions over the signal.
+
+    One level per halving: a 3-wide stride-2 convolution on every axis that still has a factor of 2
+    to go (1-wide, stride 1 on the others) and a GELU; widths double up to ``dim / 2``; a 1x1
+    convolution projects to ``dim``. A 4x4 image patch takes two levels, an 8x16 audio patch four.
+    Works on 2-D (image, audio) and 3-D (video) grids; patch sides must be powers of two.
+    """
+
+    def __init__(self, patch_shape: tuple[int, ...], dim: int, name: str = "signal"):
+        super().__init__()
+        if any(p < 1 or p & (p - 1) for p in patch_shape):
+            raise ConfigError(
+                f"model.stem=conv needs patch sides that are powers of two; the {name} patch is {patch_shape}"
+            )
+        self.patch_shape = tuple(patch_shape)
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}[len(patch_shape)]
+        remaining, levels = list(patch_shape), []
+        while any(r > 1 for r in remaining):
+            stride = tuple(2 if r > 1 else 1 for r in remaining)
+            levels.append(stride)
+            remaining = [r // s for r, s in zip(remaining, stride)]
+        layers: list[nn.Module] = []
+        width = 1
+        for i, stride in enumerate(levels):
+            out = max(8, dim // 2 ** (len(levels) - i))
+            kernel = tuple(3 if s == 2 else 1 for s in stride)
+            layers += [conv(width, out, kernel, stride, tuple(k // 2 for k in kernel)), nn.GELU()]
+            width = out
+        layers.append(conv(width, dim, 1))
+        self.net = nn.Sequential(*layers)
+
+    def reset_parameters(self) -> None:
+        convs = [m for m in self.net if isinstance(m, nn.Conv2d | nn.Conv3d)]
+        for c in convs[:-1]:
+            nn.init.kaiming_normal_(c.weight, nonlinearity="relu")  # He init for the GELU levels
+            nn.init.zeros_(c.bias)
+        last = convs[-1]
+        nn.init.normal_(last.weight, std=last.in_channels**-0.5)  # LeCun: unit-scale token content
+        nn.init.zeros_(last.bias)
+
+    def forward(self, values: Tensor, grid: tuple[int, ...]) -> Tensor:
+        y = self.net(grid_to_signal(values, grid, self.patch_shape))  # (B, dim, *grid)
+        return y.flatten(2).transpose(1, 2)  # (B, N, dim), row-major like the patches
 
 
 class SpecificTokenizers(nn.ModuleDict):
-    """``{modality: nn.Linear(P, dim) | nn.Embedding(V, dim)}`` with modality-shaped positions."""
+    """``{modality: nn.Linear(P, dim) | ConvStem | nn.Embedding(V, dim)}`` with modality-shaped positions."""
 
-    def __init__(self, patchers: dict[str, Patcher], dim: int, vocab_size: int):
-        super().__init__(
-            {
-                m: nn.Embedding(vocab_size, dim) if p.discrete else nn.Linear(p.patch_numel, dim)
-                for m, p in patchers.items()
-            }
-        )
+    def __init__(self, patchers: dict[str, Patcher], dim: int, vocab_size: int, stem: str = "linear"):
+        def projection(m: str, p: Patcher) -> nn.Module:
+            if p.discrete:
+                return nn.Embedding(vocab_size, dim)
+            if stem == "conv":
+                return ConvStem(p.patch_shape, dim, m)
+            return nn.Linear(p.patch_numel, dim)
+
+        super().__init__({m: projection(m, p) for m, p in patchers.items()})
         self.dim = dim
+
+    def mixes_patches(self, modality: str) -> bool:
+        """True when a token depends on pixels outside its own patch (a convolutional stem)."""
+        return isinstance(self[modality], ConvStem)
 
     def reset_parameters(self) -> None:
         """Unit-gain init: token content on the scale of the inputs, comparable to the positions."""
         for proj in self.values():
             if isinstance(proj, nn.Embedding):
                 nn.init.normal_(proj.weight)  # N(0, 1) rows
+            elif isinstance(proj, ConvStem):
+                proj.reset_parameters()
             else:
                 nn.init.normal_(proj.weight, std=proj.in_features**-0.5)  # LeCun
                 nn.init.zeros_(proj.bias)
 
     def embed(self, modality: str, patches: Patches) -> tuple[Tensor, Tensor]:
         """-> tokens (B, N, dim) with positions added, and the coordinates used (N, k)."""
-        x = self[modality](patches.values)  # (B, N, dim)
+        proj = self[modality]
+        if isinstance(proj, ConvStem):
+            x = proj(patches.values, patches.grid)
+        else:
+            x = proj(patches.values)  # (B, N, dim)
         return x + sincos_embedding(patches.coords, self.dim).to(x.dtype), patches.coords
 
 
@@ -80,6 +146,9 @@ class UnifiedTokenizer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
         self.dim = dim
         self.reset_parameters()
+
+    def mixes_patches(self, modality: str) -> bool:
+        return False  # one shared linear map per token
 
     def reset_parameters(self) -> None:
         """LeCun init over the whole signal width S for the signal rows, N(0, 1) rows for the ids."""
