@@ -10,6 +10,13 @@ Protocol (same budget for every row, documented so the numbers can be trusted):
 * ``single`` rows train, for each column modality m separately, stage 1 on m alone and then stage 3
   on m's tasks alone (stage 3 pairs m with itself, since no other modality is present);
 * ``multiple`` rows train stages 1 -> 2 -> 3 once on every modality of the benchmark;
+* every task gets the same number of supervised updates (``budget="task"``, the default): a stage-3
+  update trains two (modality, task) streams, so a ``single`` row's ``steps`` updates give each of its
+  modality's 2 tasks ``steps`` stream-batches, and a ``multiple`` row, whose updates are shared by all
+  8 tasks, trains ``steps * 8 / 2`` updates to give each task as many. The paper fine-tunes every row
+  on the column's dataset alike; with equal updates *per run* (``budget="run"``, our first protocol)
+  a ``multiple`` row gave each task a quarter of a ``single`` row's training and lost for that reason
+  alone. Pre-training keeps ``pretrain_steps`` per stage in both kinds of rows;
 * the score of a column is the single-stream test top-1 accuracy of that modality's ``digit`` task
   (the classification task shared by all columns: iN2018 -> image, K400 -> video, ESC50 -> audio).
 
@@ -24,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.config import Config, from_dict, to_dict
+from workbench.errors import ConfigError
 from workbench.seeding import runs_per_seed
 
 COLUMNS = {"image": "iN2018", "video": "K400", "audio": "ESC50"}  # our modality -> the paper's dataset
@@ -63,17 +71,43 @@ def _variant(cfg: Config, row: Row, stage: int, modalities: list[str] | None = N
     return from_dict(data)
 
 
-def run_row(cfg: Config, row: Row, out: str | Path, *, pretrain_steps: int | None = None) -> dict[str, float]:
+BUDGETS = ("task", "run")
+
+
+def stage3_steps(row: Row, steps: int, modalities: list[str], budget: str = "task") -> dict[str, int]:
+    """Stage-3 updates of each run of ``row``: ``{column modality | "all": updates}``.
+
+    ``steps`` is what a ``single`` row trains per column. ``budget="task"`` gives every task as many
+    stream-batches as a ``single`` row gives each of its tasks; ``"run"`` gives every run ``steps``.
+    """
+    from workbench.modalities import default_tasks
+
+    if budget not in BUDGETS:
+        raise ConfigError(f"budget={budget!r} is not one of {list(BUDGETS)}")
+    tasks = [t for t in default_tasks() if t.modality in modalities]
+    columns = [m for m in COLUMNS if m in modalities]
+    if row.pretraining == "single":
+        return {m: steps for m in columns}
+    if budget == "run":
+        return {"all": steps}
+    per_column = max(sum(t.modality == m for t in tasks) for m in columns)  # 2 on the embedded data
+    return {"all": -(-steps * len(tasks) // per_column)}  # ceil(steps * tasks / per_column)
+
+
+def run_row(
+    cfg: Config, row: Row, out: str | Path, *, pretrain_steps: int | None = None, budget: str = "task"
+) -> dict[str, float]:
     """Train one row for ``cfg.seed`` into ``out``; return ``{column modality: test accuracy}``.
 
-    ``cfg.train.steps`` is the stage-3 budget; each pre-training stage gets ``pretrain_steps``
-    (default: the same).
+    ``cfg.train.steps`` is a ``single`` row's stage-3 budget per column, scaled for ``multiple`` rows
+    by :func:`stage3_steps`; each pre-training stage gets ``pretrain_steps`` (default: the same).
     """
     from workbench.train import train
 
     out = Path(out)
     pre = pretrain_steps or cfg.train.steps
     columns = [m for m in COLUMNS if m in cfg.data.modalities]
+    supervised = stage3_steps(row, cfg.train.steps, list(cfg.data.modalities), budget)
     scores: dict[str, float] = {}
 
     def stage(c: Config, n: int, steps: int, run: Path, init=None):
@@ -83,12 +117,12 @@ def run_row(cfg: Config, row: Row, out: str | Path, *, pretrain_steps: int | Non
     if row.pretraining == "single":
         for m in columns:
             r1 = stage(_variant(cfg, row, 1, [m]), 1, pre, out / m / "stage1")
-            r3 = stage(_variant(cfg, row, 3, [m]), 3, cfg.train.steps, out / m / "stage3", init=r1.checkpoint)
+            r3 = stage(_variant(cfg, row, 3, [m]), 3, supervised[m], out / m / "stage3", init=r1.checkpoint)
             scores[m] = r3.metrics["test"][f"{m}/digit"]["accuracy"]
     else:
         r1 = stage(_variant(cfg, row, 1), 1, pre, out / "stage1")
         r2 = stage(_variant(cfg, row, 2), 2, pre, out / "stage2", init=r1.checkpoint)
-        r3 = stage(_variant(cfg, row, 3), 3, cfg.train.steps, out / "stage3", init=r2.checkpoint)
+        r3 = stage(_variant(cfg, row, 3), 3, supervised["all"], out / "stage3", init=r2.checkpoint)
         scores = {m: r3.metrics["test"][f"{m}/digit"]["accuracy"] for m in columns}
     result = {
         "row": row.id,
@@ -96,6 +130,8 @@ def run_row(cfg: Config, row: Row, out: str | Path, *, pretrain_steps: int | Non
         "accuracy": scores,
         "config": to_dict(cfg),
         "pretrain_steps": pre,
+        "budget": budget,
+        "stage3_steps": supervised,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")

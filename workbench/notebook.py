@@ -65,6 +65,7 @@ NOTEBOOK_PARAMETERS = (
     "init_checkpoint",
     "checkpoint",
     "ablation_dirs",
+    "budget",
 )
 PLOTLY_RENDERER = "plotly_mimetype+notebook"  # interactive in JupyterLab, plotly.js embedded for HTML
 
@@ -128,6 +129,11 @@ def setup(parameters: Mapping[str, Any]) -> Config:
             overrides = _check_list(name, value, str)
         elif name == "ablation_dirs":
             _check_list(name, value, str)
+        elif name == "budget":
+            from workbench.ablation import BUDGETS
+
+            if value not in BUDGETS:
+                raise ConfigError(f"notebook parameter budget={value!r} is not one of {list(BUDGETS)}")
         elif name in ("init_checkpoint", "checkpoint"):
             if value and not Path(value).is_dir():
                 raise CheckpointError(f"notebook parameter {name}={str(value)!r} is not a directory")
