@@ -116,7 +116,7 @@ class ModelConfig:
     decoder_dim: int = 96  # masked-prediction decoders (stage 1 and 2) and autoencoder heads
     decoder_depth: int = 1  # transformer blocks in each decoder
     decoder_heads: int = 3  # attention heads in each decoder
-    stem: str = "linear"  # signal tokens in the specific tokenizers: linear (patch projection) | conv (stem)
+    stem: str = "linear"  # signals in the specific tokenizers (unified ignores it): linear | conv
     init: str = "trunc_normal"  # transformer Linear weights: trunc_normal (std 0.02, timm ViT) | xavier (MAE)
     dropout: float = 0.0  # dropout on attention weights and MLP/projection outputs
     drop_path: float = 0.0  # stochastic depth (max rate, linear over f's and g's blocks)

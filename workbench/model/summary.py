@@ -15,7 +15,8 @@ def describe(model: OmniVec2) -> str:
         f"OmniVec2, preset {cfg.preset!r}: tokenizer={cfg.tokenizer}, task_head={cfg.task_head}, "
         f"fusion={cfg.fusion}",
         "",
-        f"  tokenizers  patches/ids -> {cfg.dim} wide tokens with fixed sin-cos positions",
+        f"  tokenizers  patches/ids -> {cfg.dim} wide tokens with fixed sin-cos positions"
+        + (" (signals through a conv stem)" if cfg.stem == "conv" and cfg.tokenizer == "specific" else ""),
         f"  f           {_n(cfg.depth_f, 'pre-norm block')} x {cfg.heads} heads at {cfg.dim}, then FC "
         f"{cfg.dim}->{cfg.fc_dims[0]}->{cfg.fc_dims[1]}->{cfg.fc_dims[2]} (ReLU between)",
         f"  A           cross-attention at {w} x {cfg.heads} heads: fuse (both ways, shared) and fuse back "
