@@ -85,9 +85,8 @@ def read_checkpoint_config(directory: str | Path) -> tuple[Config, list[TaskSpec
         )
     try:
         tasks = [TaskSpec.from_dict(t) for t in meta.pop("tasks")]
-        if isinstance(
-            meta.get("model"), dict
-        ):  # keys added later keep what older checkpoints were built with
+        # keys added later keep what older checkpoints were built with
+        if isinstance(meta.get("model"), dict):
             meta["model"].setdefault("head_pool", "cls")  # before model.head_pool: heads read the CLS token
             meta["model"].setdefault("stem", "linear")  # before model.stem: linear patch projections
         config = from_dict(meta)
