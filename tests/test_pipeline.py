@@ -16,7 +16,8 @@ import pytest
 from workbench.cli import main
 from workbench.errors import ConfigError
 from workbench.report import NotebookFailed, NotebookSpec, run_pipeline
-from workbench.report.registry import DEFAULT_REGISTRY, validate
+from workbench.report.pipeline import critical_path
+from workbench.report.registry import DEFAULT_REGISTRY, topological_order, validate
 
 STAGE_PARAMS = """\
 profile = "quick"
@@ -283,12 +284,48 @@ def test_default_registry_is_valid():
             "not in its depends_on",
         ),
         ((NotebookSpec("a", "a.ipynb", parameters={"quik": {}}),), "did you mean 'quick'"),
+        ((NotebookSpec("a", "a.ipynb", minutes={"full": 0}),), "minutes['full'] = 0"),
+        ((NotebookSpec("a", "a.ipynb", minutes={"fast": 3}),), "need a known profile"),
     ],
 )
 def test_bad_registry_is_rejected(tmp_path, registry, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         run_pipeline("tiny", tmp_path / "out", registry=registry, notebooks_dir=tmp_path, log=None)
     assert not (tmp_path / "out").exists()
+
+
+def test_longest_expected_work_starts_first():
+    """A 10-minute notebook outranks a chain of three 1-minute ones, unless the profile has no
+    estimates: then every notebook counts as one minute and the longer chain wins."""
+    registry = [
+        NotebookSpec("a", "a.ipynb", minutes={"full": 1}),
+        NotebookSpec("b", "b.ipynb", depends_on=("a",), minutes={"full": 1}),
+        NotebookSpec("c", "c.ipynb", depends_on=("b",), minutes={"full": 1.5}),
+        NotebookSpec("d", "d.ipynb", minutes={"full": 10}),
+    ]
+    plans = [(s, Path(s.path), {}) for s in registry]
+    assert critical_path(plans, "full") == {"a": 3.5, "b": 2.5, "c": 1.5, "d": 10}
+    assert critical_path(plans, "quick") == {"a": 3, "b": 2, "c": 1, "d": 1}
+
+
+def test_default_full_profile_fits_two_hours_on_two_jobs():
+    """The registry's measured minutes, list-scheduled on 2 jobs as the runner does, end under 2 h."""
+    plans = [(s, Path(s.path), {}) for s in topological_order(DEFAULT_REGISTRY)]
+    priority = critical_path(plans, "full")
+    cost = {s.name: s.minutes["full"] for s, _, _ in plans}
+    assert set(cost) == {s.name for s in DEFAULT_REGISTRY}  # every notebook is estimated
+    free, finish, pending = [0.0, 0.0], {}, [s for s, _, _ in plans]
+    while pending:
+        job = free.index(min(free))
+        ready = [s for s in pending if all(finish.get(d, 1e9) <= free[job] for d in s.depends_on)]
+        if not ready:  # wait for the next dependency to finish
+            free[job] = min(t for t in finish.values() if t > free[job])
+            continue
+        spec = max(ready, key=lambda s: priority[s.name])
+        pending.remove(spec)
+        free[job] = finish[spec.name] = free[job] + cost[spec.name]
+    assert max(free) < 120
+    assert critical_path(plans, "full")["10_ablation_pretraining"] > priority["01_stage1_unimodal"]
 
 
 def test_undeclared_parameter_fails_before_any_kernel(tmp_path):

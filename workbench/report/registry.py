@@ -12,8 +12,9 @@ Parameters of a notebook for a profile = :data:`PROFILE_DEFAULTS` [profile] (dro
 notebook whose ``parameters`` cell does not declare them), then ``spec.parameters[profile]``, then
 ``output_dir`` and the ``inputs`` (both of which the notebook must declare).
 
-The step counts of ``quick`` and ``full`` are first guesses to be tuned once training lands (quick:
-all notebooks under 15 minutes on 2 cores; full: three seeds, the Training issue's accuracy targets).
+Profiles: ``quick`` runs every notebook in under 15 minutes on 2 cores; ``full`` runs three seeds where
+a notebook takes seeds, in under 2 hours on 2 jobs. ``minutes`` are one-thread timings measured here, used
+to start the longest remaining work first.
 """
 
 from __future__ import annotations
@@ -57,13 +58,18 @@ class NotebookSpec:
     inputs: Mapping[str, str | Sequence[str]] = field(default_factory=dict)  # param -> "<upstream>/<output>"
     outputs: tuple[str, ...] = ()
     title: str = ""  # one line for the index
+    # profile -> measured minutes on one thread. Only the scheduler reads it (longest remaining work
+    # first with --jobs > 1); a notebook without an estimate counts as one minute.
+    minutes: Mapping[str, float] = field(default_factory=dict)
 
     def parameters_for(self, profile: str) -> dict[str, Any]:
         """This notebook's own parameters for ``profile`` (without the profile defaults or the wiring)."""
         return dict(self.parameters.get(profile, {}))
 
 
-def _stage(name: str, path: str, title: str, upstream: str | None = None) -> NotebookSpec:
+def _stage(
+    name: str, path: str, title: str, minutes: Mapping[str, float], upstream: str | None = None
+) -> NotebookSpec:
     return NotebookSpec(
         name=name,
         path=path,
@@ -71,6 +77,7 @@ def _stage(name: str, path: str, title: str, upstream: str | None = None) -> Not
         inputs={"init_checkpoint": f"{upstream}/run/checkpoint"} if upstream else {},
         outputs=("run/checkpoint",),
         title=title,
+        minutes=minutes,
     )
 
 
@@ -83,7 +90,9 @@ _ABLATION_PARAMETERS = {
 }
 
 
-def _ablation(name: str, title: str, upstream: tuple[str, ...] = ()) -> NotebookSpec:
+def _ablation(
+    name: str, title: str, minutes: Mapping[str, float], upstream: tuple[str, ...] = ()
+) -> NotebookSpec:
     return NotebookSpec(
         name=name,
         path=f"{name}.ipynb",
@@ -91,6 +100,7 @@ def _ablation(name: str, title: str, upstream: tuple[str, ...] = ()) -> Notebook
         parameters=_ABLATION_PARAMETERS,
         inputs={"ablation_dirs": list(upstream)} if upstream else {},
         title=title,
+        minutes=minutes,
     )
 
 
@@ -99,18 +109,30 @@ _IMP_TINY = ["train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=20", "m
 
 # Registry order is the display order and breaks ties of the dependency order.
 DEFAULT_REGISTRY: tuple[NotebookSpec, ...] = (
-    NotebookSpec("00_data_tour", "00_data_tour.ipynb", title="Data tour: every modality, task and split"),
-    _stage("01_stage1_unimodal", "01_stage1_unimodal.ipynb", "Stage 1: unimodal masked pre-training"),
+    NotebookSpec(
+        "00_data_tour",
+        "00_data_tour.ipynb",
+        title="Data tour: every modality, task and split",
+        minutes={"quick": 0.3, "full": 0.5},
+    ),
+    _stage(
+        "01_stage1_unimodal",
+        "01_stage1_unimodal.ipynb",
+        "Stage 1: unimodal masked pre-training",
+        {"quick": 1.1, "full": 7},
+    ),
     _stage(
         "02_stage2_pairwise",
         "02_stage2_pairwise.ipynb",
         "Stage 2: pairwise masked pre-training",
+        {"quick": 1.3, "full": 9},
         upstream="01_stage1_unimodal",
     ),
     _stage(
         "03_stage3_multitask",
         "03_stage3_multitask.ipynb",
         "Stage 3: multitask training",
+        {"quick": 3.2, "full": 24},
         upstream="02_stage2_pairwise",
     ),
     NotebookSpec(
@@ -119,18 +141,25 @@ DEFAULT_REGISTRY: tuple[NotebookSpec, ...] = (
         depends_on=("03_stage3_multitask",),
         inputs={"checkpoint": "03_stage3_multitask/run/checkpoint"},
         title="Evaluation: test metrics, errors, attention maps",
+        minutes={"quick": 0.9, "full": 1},
     ),
     # The ablation notebooks split Table 12's six rows between them and read each other's rows:
     # 10 trains rows 1 and 6, 11 trains 2 and 5, 12 trains 3 and 4 (workbench/ablation.py).
-    _ablation("10_ablation_pretraining", "Ablation: single vs multiple pre-training modalities"),
+    _ablation(
+        "10_ablation_pretraining",
+        "Ablation: single vs multiple pre-training modalities",
+        {"quick": 3.1, "full": 28.5},
+    ),
     _ablation(
         "11_ablation_tokenizer",
         "Ablation: modality-specific vs unified tokenizer",
+        {"quick": 2.9, "full": 28.5},
         upstream=("10_ablation_pretraining",),
     ),
     _ablation(
         "12_ablation_task_head",
         "Ablation: task-specific vs unified vs autoencoder head",
+        {"quick": 2.6, "full": 31},
         upstream=("10_ablation_pretraining", "11_ablation_tokenizer"),
     ),
     NotebookSpec(
@@ -145,6 +174,7 @@ DEFAULT_REGISTRY: tuple[NotebookSpec, ...] = (
             ]
         },
         title="Table 12 reproduction (paper beside ours)",
+        minutes={"quick": 0.2, "full": 0.3},
     ),
     # The article's fusion strategies (METHOD.md section 4; workbench/fusion.py) train their own small
     # networks, so no upstream. The `tiny` preset in every profile: `small` is ~15x slower per step here.
@@ -156,6 +186,7 @@ DEFAULT_REGISTRY: tuple[NotebookSpec, ...] = (
             "full": {"seeds": [0, 1, 2], "steps": 1000, "preset": "tiny"},
         },
         title="Fusion strategies: early vs late vs hybrid, with a missing modality",
+        minutes={"quick": 1.1, "full": 18},
     ),
     # Seed systems (METHOD.md section 4). IMP trains from scratch (no upstream checkpoint).
     NotebookSpec(
@@ -170,6 +201,7 @@ DEFAULT_REGISTRY: tuple[NotebookSpec, ...] = (
             "full": {"preset": "tiny", "steps": 4000, "overrides": [*_IMP_TINY]},
         },
         title="IMP: dense vs mixture-of-experts, alternating updates",
+        minutes={"quick": 0.7, "full": 24},
     ),
     # DeepSense-v2 (workbench/deepsense.py) pre-trains its own encoders from scratch: no upstream. `tiny` widths
     # in every profile (quick: ~1.5 minutes on 2 shared cores; full: 3 seeds, ~30 minutes); tiny: 2 updates.
@@ -182,6 +214,7 @@ DEFAULT_REGISTRY: tuple[NotebookSpec, ...] = (
             "full": {"seeds": [0, 1, 2], "steps": 2000, "preset": "tiny"},
         },
         title="DeepSense-v2: modality-specific encoders, contrastive pre-training, cross-modal retrieval",
+        minutes={"quick": 1.7, "full": 32},
     ),
 )
 
@@ -227,6 +260,16 @@ def validate(registry: Sequence[NotebookSpec]) -> dict[str, NotebookSpec]:
             if profile not in PROFILES:
                 raise ConfigError(
                     f"{spec.name}: parameters for unknown profile {profile!r}{closest_hint(profile, PROFILES)}"
+                )
+        for profile, minutes in spec.minutes.items():
+            if (
+                profile not in PROFILES
+                or isinstance(minutes, bool)
+                or not isinstance(minutes, (int, float))
+                or not minutes > 0
+            ):
+                raise ConfigError(
+                    f"{spec.name}: minutes[{profile!r}] = {minutes!r}; need a known profile and minutes > 0"
                 )
         for param, refs in input_refs(spec).items():
             for ref in refs:
