@@ -16,8 +16,7 @@ import pytest
 from workbench.cli import main
 from workbench.errors import ConfigError
 from workbench.report import NotebookFailed, NotebookSpec, run_pipeline
-from workbench.report.pipeline import critical_path
-from workbench.report.registry import DEFAULT_REGISTRY, topological_order, validate
+from workbench.report.registry import DEFAULT_REGISTRY, critical_path, plan, validate
 
 STAGE_PARAMS = """\
 profile = "quick"
@@ -303,29 +302,33 @@ def test_longest_expected_work_starts_first():
         NotebookSpec("c", "c.ipynb", depends_on=("b",), minutes={"full": 1.5}),
         NotebookSpec("d", "d.ipynb", minutes={"full": 10}),
     ]
-    plans = [(s, Path(s.path), {}) for s in registry]
-    assert critical_path(plans, "full") == {"a": 3.5, "b": 2.5, "c": 1.5, "d": 10}
-    assert critical_path(plans, "quick") == {"a": 3, "b": 2, "c": 1, "d": 1}
+    assert critical_path(registry, "full") == {"a": 3.5, "b": 2.5, "c": 1.5, "d": 10}
+    assert critical_path(registry, "quick") == {"a": 3, "b": 2, "c": 1, "d": 1}
+    two = {s.name: s for s in plan(registry, "full", jobs=2)}
+    assert (two["d"].start, two["a"].start, two["c"].end) == (0, 0, 3.5)
+    assert two["d"].job != two["a"].job and two["b"].start == two["a"].end
+    one = plan(registry, "full", jobs=1)  # dependency order, one after the other
+    assert [s.name for s in one] == ["a", "b", "c", "d"] and one[-1].end == 13.5
+    # a job with nothing ready idles until a dependency ends elsewhere
+    chain = plan(registry[:3], "full", jobs=2)
+    assert [s.end for s in chain] == [1, 2, 3.5]
 
 
-def test_default_full_profile_fits_two_hours_on_two_jobs():
-    """The registry's measured minutes, list-scheduled on 2 jobs as the runner does, end under 2 h."""
-    plans = [(s, Path(s.path), {}) for s in topological_order(DEFAULT_REGISTRY)]
-    priority = critical_path(plans, "full")
-    cost = {s.name: s.minutes["full"] for s, _, _ in plans}
-    assert set(cost) == {s.name for s in DEFAULT_REGISTRY}  # every notebook is estimated
-    free, finish, pending = [0.0, 0.0], {}, [s for s, _, _ in plans]
-    while pending:
-        job = free.index(min(free))
-        ready = [s for s in pending if all(finish.get(d, 1e9) <= free[job] for d in s.depends_on)]
-        if not ready:  # wait for the next dependency to finish
-            free[job] = min(t for t in finish.values() if t > free[job])
-            continue
-        spec = max(ready, key=lambda s: priority[s.name])
-        pending.remove(spec)
-        free[job] = finish[spec.name] = free[job] + cost[spec.name]
-    assert max(free) < 120
-    assert critical_path(plans, "full")["10_ablation_pretraining"] > priority["01_stage1_unimodal"]
+def test_every_default_notebook_is_estimated_and_full_plans_under_two_hours():
+    """Every notebook carries measured minutes for quick and full; on 2 jobs they plan to ~10 min and
+    under 2 h (the issue's budgets; the real runs are timed in the README)."""
+    assert all({"quick", "full"} <= set(s.minutes) for s in DEFAULT_REGISTRY)
+    full = plan(DEFAULT_REGISTRY, "full", jobs=2)
+    assert len(full) == len(DEFAULT_REGISTRY) and max(s.end for s in full) < 120
+    assert max(s.end for s in plan(DEFAULT_REGISTRY, "quick", jobs=2)) < 15
+    assert full[0].name == "10_ablation_pretraining"  # the longest chain starts first
+
+
+def test_cli_plan_prints_without_running(tmp_path, capsys):
+    assert main(["pipeline", "--profile", "full", "--jobs", "2", "--plan", "--only", "04_evaluation"]) == 0
+    out = capsys.readouterr().out
+    assert "01_stage1_unimodal" in out and "10_ablation" not in out and "expected total: 41 min" in out
+    assert main(["pipeline", "--plan", "--only", "04_evaluaton"]) == 2
 
 
 def test_undeclared_parameter_fails_before_any_kernel(tmp_path):

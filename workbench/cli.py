@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from workbench import __version__
-from workbench.errors import NotYetAvailable, WorkbenchError
+from workbench.errors import ConfigError, NotYetAvailable, WorkbenchError
 
 EPILOG = """\
 config overrides are dotted key=value pairs, e.g.  train.steps=200 model.preset=tiny seed=1
@@ -167,6 +167,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from workbench.report import NotebookFailed, run_pipeline
 
+    if args.plan:
+        return _print_plan(args)
     try:
         result = run_pipeline(
             args.profile, args.out, only=args.only or (), jobs=args.jobs, overrides=args.overrides
@@ -178,6 +180,22 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     counts = {s: sum(r.status == s for r in result.notebooks) for s in ("ok", "missing", "skipped")}
     done = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     print(f"pipeline {result.profile}: {done} in {result.seconds:.0f}s; report: {result.index_html}")
+    return 0
+
+
+def _print_plan(args: argparse.Namespace) -> int:
+    """``workbench pipeline --plan``: the expected order, jobs and minutes, without running anything."""
+    from workbench.report.registry import default_registry, plan
+
+    try:
+        slots = plan(default_registry(), args.profile, args.jobs, args.only or ())
+    except ConfigError as err:
+        print(f"workbench pipeline: error: {err}", file=sys.stderr)
+        return 2
+    print(f"plan for --profile {args.profile} --jobs {args.jobs} (one-thread minutes measured on 2 cores):")
+    for s in slots:
+        print(f"  job {s.job + 1}  {s.start:6.1f} -> {s.end:6.1f} min  {s.name}")
+    print(f"expected total: {max((s.end for s in slots), default=0):.0f} min")
     return 0
 
 
@@ -346,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="run up to N independent notebooks at once, each kernel with cpu_count/N threads (default 1)",
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the expected order, job and minutes of every notebook (measured here), run nothing",
     )
     p.add_argument(
         "overrides",

@@ -14,7 +14,7 @@ from workbench.report.pipeline import (
     default_notebooks_dir,
     run_pipeline,
 )
-from workbench.report.registry import DEFAULT_REGISTRY, PROFILE_DEFAULTS, PROFILES, NotebookSpec
+from workbench.report.registry import DEFAULT_REGISTRY, PROFILE_DEFAULTS, PROFILES, NotebookSpec, plan
 
 __all__ = [
     "DEFAULT_REGISTRY",
@@ -25,5 +25,6 @@ __all__ = [
     "NotebookSpec",
     "PipelineResult",
     "default_notebooks_dir",
+    "plan",
     "run_pipeline",
 ]

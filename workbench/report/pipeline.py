@@ -35,6 +35,7 @@ from workbench.report.registry import (
     NotebookSpec,
     check_profile,
     closest_hint,
+    critical_path,
     default_registry,
     input_refs,
     topological_order,
@@ -319,7 +320,7 @@ def run_pipeline(
         run_dir, profile, started.isoformat(timespec="seconds"), 0.0, machine_info(), [], overrides
     )
     try:
-        _schedule(plans, critical_path(plans, profile), selected, jobs, run_dir, nb_dir, results, say)
+        _schedule(plans, critical_path(order, profile), selected, jobs, run_dir, nb_dir, results, say)
     finally:  # also on Ctrl-C: the index shows how far the run got
         result.notebooks = [
             results.get(s.name) or NotebookResult(s.name, s.title, "skipped", "interrupted") for s in order
@@ -333,21 +334,6 @@ def run_pipeline(
 
 
 Plan = tuple[NotebookSpec, Path, "dict[str, Any] | None"]
-
-
-def critical_path(plans: Sequence[Plan], profile: str) -> dict[str, float]:
-    """Expected minutes of the longest chain starting at each notebook (itself included).
-
-    Starting the notebook with the most work below it first is the classic list-scheduling rule for a
-    dependency graph: with ``--jobs 2`` the full profile's Table 12 chain (88 min) starts at once and
-    DeepSense (32 min) before the data tour, so the run ends in ~106 min rather than ~116.
-    """
-    cost = {spec.name: float(spec.minutes.get(profile, 1.0)) for spec, _, _ in plans}
-    below = dict(cost)
-    for spec, _, _ in reversed(plans):  # plans are in dependency order, so dependants come first here
-        for dep in spec.depends_on:
-            below[dep] = max(below[dep], cost[dep] + below[spec.name])
-    return below
 
 
 def _schedule(
