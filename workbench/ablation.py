@@ -33,6 +33,7 @@ from pathlib import Path
 from workbench.config import Config, from_dict, to_dict
 from workbench.errors import ConfigError
 from workbench.seeding import runs_per_seed
+from workbench.stats import format_mean_spread, mean_spread
 
 COLUMNS = {"image": "iN2018", "video": "K400", "audio": "ESC50"}  # our modality -> the paper's dataset
 
@@ -159,12 +160,6 @@ def collect(directories: list[str | Path]) -> dict[str, dict[int, dict[str, floa
     return found
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    from workbench.notebook import mean_spread
-
-    return mean_spread(values)
-
-
 def table(results: dict[str, dict[int, dict[str, float]]]) -> dict:
     """Table 12 with our numbers: ``{"columns": [...], "rows": [[...], ...]}`` (accuracy in %)."""
     columns = ["pre-training", "tokenizer", "task head"]
@@ -178,7 +173,7 @@ def table(results: dict[str, dict[int, dict[str, float]]]) -> dict:
         for m in COLUMNS:
             values = [100 * r[m] for r in runs.values() if m in r]
             line.append(row.paper.get(m))
-            line.append(f"{mean_std(values)[0]:.1f} ± {mean_std(values)[1]:.1f}" if values else "not run")
+            line.append(format_mean_spread(values) if values else "not run")
         line.append(len(runs))
         rows.append(line)
     return {"columns": columns, "rows": rows}
@@ -188,7 +183,7 @@ def ordering(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[
     """Per column, the row ids from best to worst: ours (by mean) and the paper's."""
     out = {}
     for m in COLUMNS:
-        ours = {rid: mean_std([r[m] for r in runs.values() if m in r])[0]
+        ours = {rid: mean_spread([r[m] for r in runs.values() if m in r])[0]
                 for rid, runs in results.items() if any(m in r for r in runs.values())}  # fmt: skip
         out[m] = {
             "ours": sorted(ours, key=ours.get, reverse=True),
@@ -211,7 +206,7 @@ def compare(results: dict[str, dict[int, dict[str, float]]], pairs: list[tuple[s
             vb = [100 * r[m] for r in results[b].values() if m in r]
             if not va or not vb:
                 continue
-            ours = mean_std(va)[0] - mean_std(vb)[0]
+            ours = mean_spread(va)[0] - mean_spread(vb)[0]
             paper = ROWS[a].paper[m] - ROWS[b].paper[m]
             agrees = "yes" if (ours > 0) == (paper > 0) else "no"
             rows.append([what, f"{a} vs {b}", name, round(ours, 2), round(paper, 2), agrees])

@@ -55,6 +55,7 @@ from torch import Tensor
 from workbench.config import DEEPSENSE_PAIR_SEP, Config
 from workbench.hardware import torch_threads
 from workbench.model.deepsense import DeepSense, parse_pairs
+from workbench.stats import mean_spread
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -322,8 +323,6 @@ def summarize(table: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in table:
         groups.setdefault((r["direction"], r["metric"]), []).append(r)
-    from workbench.notebook import mean_spread
-
     out = []
     for (direction, metric), rows in groups.items():
         values = [r["value"] for r in rows]

@@ -55,6 +55,7 @@ from workbench.hardware import torch_threads
 from workbench.modalities import TaskSpec
 from workbench.model import build_model
 from workbench.model.heads import masked_mean
+from workbench.stats import mean_spread
 
 STRATEGIES = ("early", "late", "hybrid")
 READOUTS = ("logits", "concat")
@@ -439,8 +440,6 @@ def summarize(table: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], list[float]] = {}
     for r in table:
         groups.setdefault((r["strategy"], r["condition"]), []).append(r["accuracy"])
-    from workbench.notebook import mean_spread
-
     out = []
     for (strategy, condition), values in groups.items():
         mean, sd = mean_spread(values)

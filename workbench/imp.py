@@ -24,6 +24,7 @@ import torch
 
 from workbench.config import MODEL_PRESETS, Config, from_dict, to_dict
 from workbench.seeding import runs_per_seed
+from workbench.stats import format_mean_spread, mean_spread
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "dense": {"moe_experts": 0},  # the same encoder with dense MLPs
@@ -121,18 +122,6 @@ def run_variants(
 
 
 # --------------------------------------------------------------------------------------- summaries
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    from workbench.notebook import mean_spread
-
-    return mean_spread(values)
-
-
-def _fmt(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    from workbench.notebook import format_mean_spread
-
-    return format_mean_spread(values, scale, digits)
-
-
 def accuracy_table(results: Mapping[str, Mapping[int, dict]]) -> dict:
     """Test metric per task (accuracy %, PSNR dB for dense tasks), mean ± sd over seeds, per variant."""
     variants = list(results)
@@ -143,15 +132,15 @@ def accuracy_table(results: Mapping[str, Mapping[int, dict]]) -> dict:
         for v in variants:
             runs = [r["test"][task] for r in results[v].values()]
             if "accuracy" in runs[0]:
-                row.append(_fmt([r["accuracy"] for r in runs], 100))
+                row.append(format_mean_spread([r["accuracy"] for r in runs], 100))
             else:
-                row.append(_fmt([r["psnr"] for r in runs], 1, 2) + " dB")
+                row.append(format_mean_spread([r["psnr"] for r in runs], 1, 2) + " dB")
         if len(variants) == 2:
             a, b = variants
             key = "accuracy" if "accuracy" in results[a][next(iter(results[a]))]["test"][task] else "psnr"
             scale = 100 if key == "accuracy" else 1
-            ma = _mean_sd([r["test"][task][key] for r in results[a].values()])[0]
-            mb = _mean_sd([r["test"][task][key] for r in results[b].values()])[0]
+            ma = mean_spread([r["test"][task][key] for r in results[a].values()])[0]
+            mb = mean_spread([r["test"][task][key] for r in results[b].values()])[0]
             row.append(round((mb - ma) * scale, 2))
         rows.append(row)
     columns = ["task", *[f"{v} (mean ± sd)" for v in variants]]
@@ -180,8 +169,8 @@ def cost_table(results: Mapping[str, Mapping[int, dict]]) -> dict:
             first["params_total"],
             first["params_active"],
             first["params_encoder"],
-            _fmt([r["seconds_per_step"] * 1000 for r in runs.values()], 1, 0),
-            _fmt(mean_accuracy(runs), 100),
+            format_mean_spread([r["seconds_per_step"] * 1000 for r in runs.values()], 1, 0),
+            format_mean_spread(mean_accuracy(runs), 100),
         ])  # fmt: skip
     columns = ["variant", "params (no decoders)", "params active per token", "params encoder (tok+f+g)",
                "ms per update (mean ± sd)", "mean classification accuracy % (mean ± sd)"]  # fmt: skip

@@ -29,7 +29,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ import numpy as np
 
 from workbench.config import Config, load_config, valid_keys
 from workbench.errors import CheckpointError, ConfigError
+from workbench.stats import format_mean_spread, mean_spread  # noqa: F401 (the notebooks call wn.*)
 
 # notebook parameter -> config key. Notebooks may also use any dotted config key directly.
 CONFIG_PARAMETERS: dict[str, str] = {
@@ -467,22 +468,6 @@ def write_summary(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return path
-
-
-def mean_spread(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1) over seeds; the spread of one value is 0."""
-    v = np.asarray([float(_numpy(x)) for x in values], dtype=float)
-    if v.size == 0:
-        raise ValueError("mean_spread: no values")
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
-
-
-def format_mean_spread(values: Iterable[float], scale: float = 1.0, digits: int = 1) -> str:
-    """``"85.3 ± 1.2"`` (or ``"85.3"`` for a single seed); ``scale=100`` turns fractions into percent."""
-    values = list(values)
-    mean, std = mean_spread(values)
-    text = f"{mean * scale:.{digits}f}"
-    return f"{text} ± {std * scale:.{digits}f}" if len(values) > 1 else text
 
 
 # --------------------------------------------------------------------------------------- training
