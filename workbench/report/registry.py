@@ -62,6 +62,10 @@ class NotebookSpec:
     # first with --jobs > 1); a notebook without an estimate counts as one minute.
     minutes: Mapping[str, float] = field(default_factory=dict)
 
+    def minutes_for(self, profile: str) -> float:
+        """Expected one-thread minutes for ``profile``; a notebook without an estimate counts as one."""
+        return float(self.minutes.get(profile, 1.0))
+
     def parameters_for(self, profile: str) -> dict[str, Any]:
         """This notebook's own parameters for ``profile`` (without the profile defaults or the wiring)."""
         return dict(self.parameters.get(profile, {}))
@@ -327,7 +331,7 @@ def critical_path(order: Sequence[NotebookSpec], profile: str) -> dict[str, floa
     the full profile's Table 12 chain (97 min) starts at once and the long studies fill the other job
     before the short notebooks; :func:`plan` then expects 108 min, as the timed run took.
     """
-    cost = {spec.name: float(spec.minutes.get(profile, 1.0)) for spec in order}
+    cost = {spec.name: spec.minutes_for(profile) for spec in order}
     below = dict(cost)
     for spec in reversed(order):  # dependants come first here
         for dep in spec.depends_on:
@@ -370,7 +374,7 @@ def plan(
             continue
         spec = ready[0] if jobs == 1 else max(ready, key=lambda s: priority[s.name])  # max: first of ties
         pending.remove(spec)
-        end = free[job] + float(spec.minutes.get(profile, 1.0))
+        end = free[job] + spec.minutes_for(profile)
         slots.append(Slot(spec.name, job, free[job], end))
         free[job] = finish[spec.name] = end
     return slots
