@@ -94,6 +94,36 @@ def test_stage3_logs_task_losses_and_weights(three_stages):
     assert any(abs(w - 1.0) > 1e-6 for w in weights)  # DWA moved the weights off 1
 
 
+def test_tasks_sharing_inputs_are_evaluated_in_one_pass_with_the_same_metrics(three_stages):
+    """audio/digit and audio/language read one table of clips: evaluation runs g(f(x)) once for both
+    heads. Every task's metrics must equal those of evaluating it alone."""
+    from workbench.data import load_benchmark
+    from workbench.evaluate import evaluate, shared_input_groups
+    from workbench.model.omnivec2 import OmniVec2
+
+    r3 = three_stages[2]
+    cfg = load_config([r3.run_dir / "config.yaml"])
+    model = OmniVec2.from_pretrained(r3.checkpoint)
+    bench = load_benchmark(cfg.data, seed=cfg.seed)
+    groups = [[s.key for s in g] for g in shared_input_groups(bench, bench.tasks, "val")]
+    assert ["audio/digit", "audio/language"] in groups and ["video/digit", "video/motion"] in groups
+    assert ["image/denoise"] in groups  # corrupted images: not the inputs of image/digit
+    calls = []
+    forward = model.forward_single
+    model.forward_single = lambda batch, tasks=None: calls.append(batch.modality) or forward(batch, tasks)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the fixture trained and evaluated
+    together = evaluate(model, bench, "val")
+    passes = len(calls)
+    alone = {}
+    for spec in bench.tasks:
+        alone |= evaluate(model, bench, "val", tasks=[spec])
+    torch.set_num_threads(threads)
+    assert together == alone and list(together) == [s.key for s in bench.tasks]
+    assert passes < len(calls) - passes  # fewer forwards than one pass per task
+    assert together == r3.metrics["val"]  # what the run reported
+
+
 def test_stage2_is_evaluated_through_the_path_it_trained(three_stages):
     """Stage 2 trains decoders2 behind f, A, g; its validation loss must come from there, not from the
     stage-1 decoders (fresh and untrained in a stage-2 run)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from torch.utils.data import Dataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from torchmetrics.image import PeakSignalNoiseRatio
 
@@ -17,12 +18,13 @@ from workbench.config import Config
 from workbench.modalities import TaskSpec
 
 
-def _loader(bench, spec: TaskSpec, split: str, model, batch_size: int, accelerator: Accelerator | None):
+def _loader(bench, spec: TaskSpec, split: str, model, batch_size: int, accelerator: Accelerator | None,
+            dataset=None):  # fmt: skip
     from workbench.data import make_loader
 
     loader = make_loader(
-        bench.dataset(spec.modality, spec.name, split), batch_size, shuffle=False, seed=0,
-        text_tokenizer=model.text_tokenizer,
+        dataset if dataset is not None else bench.dataset(spec.modality, spec.name, split), batch_size,
+        shuffle=False, seed=0, text_tokenizer=model.text_tokenizer,
     )  # fmt: skip
     return accelerator.prepare_data_loader(loader) if accelerator is not None else loader
 
@@ -31,6 +33,44 @@ def _cycle(make):
     """Batches of ``make()``'s loader, restarting it when exhausted."""
     while True:
         yield from make()
+
+
+class SharedInputs(Dataset):
+    """The split of several classification tasks that read the same inputs (``audio/digit`` and
+    ``audio/language`` are one table of clips with two label columns): items ``(x, y (T,), digit)``, so
+    g(f(x)) is computed once per sample for all T heads instead of once per task."""
+
+    def __init__(self, datasets: list):
+        first = datasets[0]
+        self.first, self.split, self.spec = first, first.split, first.spec
+        self.modality, self.task, self.input_kind = first.modality, first.task, first.input_kind
+        self.labels = torch.stack([d.labels for d in datasets], dim=1)  # (n, T)
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def __getitem__(self, i: int):
+        x, _, digit = self.first[i]
+        return x, self.labels[i], digit
+
+
+def shared_input_groups(bench, specs: list[TaskSpec], split: str) -> list[list[TaskSpec]]:
+    """``specs`` grouped so each group's tasks read the same inputs in the same order (one forward
+    serves them all); dense tasks, and tasks whose inputs differ (image/denoise reads corrupted
+    images), stay alone. Groups keep the first-seen order."""
+    groups: list[list[TaskSpec]] = []
+    for spec in specs:
+        ds = bench.dataset(spec.modality, spec.name, split)
+        for group in groups:
+            head = group[0]
+            other = bench.dataset(head.modality, head.name, split)
+            if (spec.kind == head.kind == "classification" and other.data.x is ds.data.x
+                    and torch.equal(other.rows, ds.rows)):  # fmt: skip
+                group.append(spec)
+                break
+        else:
+            groups.append([spec])
+    return groups
 
 
 @torch.no_grad()
@@ -44,43 +84,59 @@ def evaluate(
     tasks: list[TaskSpec] | None = None,
     confusion: bool = True,
 ) -> dict[str, dict]:
-    """``{"image/digit": {"accuracy", "macro_f1", "n", "confusion"}, "image/denoise": {"psnr", "psnr_input", "n"}}``."""
+    """``{"image/digit": {"accuracy", "macro_f1", "n", "confusion"}, "image/denoise": {"psnr", "psnr_input", "n"}}``.
+
+    Tasks that read the same inputs are evaluated in one pass (:func:`shared_input_groups`); each
+    head sees exactly the batches it would see alone, so the metrics do not depend on the grouping.
+    """
     model.eval()
+    specs = tasks or [s for s in bench.tasks if s.key in model.tasks]
     results: dict[str, dict] = {}
-    for spec in tasks or [s for s in bench.tasks if s.key in model.tasks]:
-        loader = _loader(bench, spec, split, model, batch_size, accelerator)
+    for group in shared_input_groups(bench, specs, split):
+        dataset = None
+        if len(group) > 1:
+            dataset = SharedInputs([bench.dataset(s.modality, s.name, split) for s in group])
+        loader = _loader(bench, group[0], split, model, batch_size, accelerator, dataset)
         n = 0
-        if spec.kind == "classification":
-            c = spec.num_classes
-            metrics = {
-                "accuracy": MulticlassAccuracy(c, average="micro"),
-                "macro_f1": MulticlassF1Score(c, average="macro"),
-                "confusion": MulticlassConfusionMatrix(c),
-            }
-        else:
-            metrics = {"psnr": PeakSignalNoiseRatio(data_range=1.0, dim=tuple(range(1, 1 + len(spec.shape))))}
-            baseline = PeakSignalNoiseRatio(data_range=1.0, dim=tuple(range(1, 1 + len(spec.shape))))
-        for batch in loader:
-            pred = model.forward_single(batch, tasks=[spec.name])[spec.name].float()
-            y, x = batch.y, batch.x
-            if accelerator is not None:
-                pred, y, x = accelerator.gather_for_metrics((pred, y, x))
-            n += len(y)
+        metrics, baselines = {}, {}
+        for spec in group:
             if spec.kind == "classification":
-                for m in metrics.values():
-                    m.update(pred.argmax(-1), y)
+                c = spec.num_classes
+                metrics[spec.key] = {
+                    "accuracy": MulticlassAccuracy(c, average="micro"),
+                    "macro_f1": MulticlassF1Score(c, average="macro"),
+                    "confusion": MulticlassConfusionMatrix(c),
+                }
             else:
-                metrics["psnr"].update(pred.clamp(0, 1), y)
-                baseline.update(x.float().reshape(y.shape).clamp(0, 1), y)
-        row = {name: m.compute() for name, m in metrics.items()}
-        if spec.kind == "classification":
-            out = {"accuracy": row["accuracy"].item(), "macro_f1": row["macro_f1"].item(), "n": n}
-            if confusion:
-                out["confusion"] = row["confusion"].tolist()
-        else:
-            out = {"psnr": row["psnr"].item(), "psnr_input": baseline.compute().item(), "n": n}
-        results[spec.key] = out
-    return results
+                dims = tuple(range(1, 1 + len(spec.shape)))
+                metrics[spec.key] = {"psnr": PeakSignalNoiseRatio(data_range=1.0, dim=dims)}
+                baselines[spec.key] = PeakSignalNoiseRatio(data_range=1.0, dim=dims)
+        dense = group[0].kind == "dense"
+        for batch in loader:
+            out = model.forward_single(batch, tasks=[s.name for s in group])
+            preds = [out[s.name].float() for s in group]
+            y, x = batch.y, batch.x if dense else None
+            if accelerator is not None:
+                preds, y, x = accelerator.gather_for_metrics((preds, y, x))
+            n += len(y)
+            for i, (spec, pred) in enumerate(zip(group, preds)):
+                if spec.kind == "classification":
+                    target = y[:, i] if dataset is not None else y
+                    for m in metrics[spec.key].values():
+                        m.update(pred.argmax(-1), target)
+                else:
+                    metrics[spec.key]["psnr"].update(pred.clamp(0, 1), y)
+                    baselines[spec.key].update(x.float().reshape(y.shape).clamp(0, 1), y)
+        for spec in group:
+            row = {name: m.compute() for name, m in metrics[spec.key].items()}
+            if spec.kind == "classification":
+                out = {"accuracy": row["accuracy"].item(), "macro_f1": row["macro_f1"].item(), "n": n}
+                if confusion:
+                    out["confusion"] = row["confusion"].tolist()
+            else:
+                out = {"psnr": row["psnr"].item(), "psnr_input": baselines[spec.key].compute().item(), "n": n}
+            results[spec.key] = out
+    return {spec.key: results[spec.key] for spec in specs}
 
 
 @torch.no_grad()
