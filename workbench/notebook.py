@@ -474,7 +474,8 @@ def write_summary(
 def stage_config(cfg: Config, stage: int, init_checkpoint: str | Path | None = None) -> Config:
     """``cfg`` for training ``stage``; with an upstream checkpoint, its network config (so the weights fit).
 
-    The same rule as ``workbench train --init``: the model section comes from the checkpoint.
+    As with ``workbench train --init`` the model section comes from the checkpoint and the training
+    settings do not (the CLI also takes data and seed from it; here the notebook's parameters set them).
     """
     from workbench.config import from_dict, read_saved_config, to_dict
 

@@ -24,8 +24,10 @@ def resolve_run(
     """The config and run directory of a ``workbench train`` call, validated before any work.
 
     ``--resume`` reuses the run's saved config (overrides may still change e.g. ``train.steps``);
-    ``--init CKPT`` starts from the checkpoint's config so the network matches it; then files and
-    ``key=value`` overrides apply, and ``train.stage`` is set from ``--stage``.
+    ``--init CKPT`` starts from the checkpoint's config (model, data, seed) so the network and its tasks
+    match it, but not from its ``train`` section: steps, learning rate, mask ratios... are each stage's
+    own (defaults unless given). Then files and ``key=value`` overrides apply, and ``train.stage`` is
+    set from ``--stage``.
     """
     base: dict = {}
     if resume:
@@ -41,8 +43,8 @@ def resolve_run(
             raise CheckpointError(
                 f"--init {init!r}: no config.json there; pass a checkpoint directory (RUN/checkpoint)"
             )
-        base = read_saved_config(saved)
-        base.setdefault("train", {})["out"] = ""
+        # the network and its tasks come from the checkpoint; how this stage trains does not
+        base = {k: v for k, v in read_saved_config(saved).items() if k != "train"}
     base.setdefault("train", {})["stage"] = stage
     cfg = load_config(files=files, overrides=overrides, base=base)
     if cfg.train.stage != stage:
