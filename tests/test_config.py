@@ -27,11 +27,13 @@ def test_defaults_resolve_and_validate():
 
 
 def test_each_stage_gets_its_share_of_the_default_run_unless_steps_are_given():
-    from workbench.config import STAGE_STEPS
+    from workbench.config import STAGE_LR, STAGE_STEPS
 
     for stage in (1, 2, 3):
-        assert load_config(overrides=[f"train.stage={stage}"]).train.steps == STAGE_STEPS[stage]
-        assert load_config(overrides=[f"train.stage={stage}", "train.steps=7"]).train.steps == 7
+        cfg = load_config(overrides=[f"train.stage={stage}"])
+        assert (cfg.train.steps, cfg.train.lr) == (STAGE_STEPS[stage], STAGE_LR[stage])
+        cfg = load_config(overrides=[f"train.stage={stage}", "train.steps=7", "train.lr=1e-3"])
+        assert (cfg.train.steps, cfg.train.lr) == (7, 1e-3)
     assert STAGE_STEPS[3] >= max(STAGE_STEPS.values())  # the supervised stage gets the most
     # the shipped default.yaml describes the same run as the built-in defaults
     shipped = load_config([Path(__file__).parents[1] / "configs" / "default.yaml"])
@@ -41,7 +43,7 @@ def test_each_stage_gets_its_share_of_the_default_run_unless_steps_are_given():
 def test_init_takes_the_network_from_the_checkpoint_but_not_its_training_settings(tmp_path):
     """A chain `--stage 1 train.lr=... train.steps=...` then `--stage 2 --init`: stage 2 builds the same
     network on the same data and seed, and trains with its own defaults (steps, lr, mask ratios)."""
-    from workbench.config import STAGE_STEPS, save_config
+    from workbench.config import STAGE_LR, STAGE_STEPS, save_config
     from workbench.train import resolve_run
 
     first, _ = resolve_run(
@@ -51,7 +53,7 @@ def test_init_takes_the_network_from_the_checkpoint_but_not_its_training_setting
     second, _ = resolve_run(2, (), [], init=str(tmp_path / "checkpoint"), out=str(tmp_path / "s2"))
     assert second.model == first.model and second.data == first.data and second.seed == 5
     assert second.train.stage == 2 and second.train.steps == STAGE_STEPS[2]
-    assert second.train.lr == load_config().train.lr != first.train.lr
+    assert second.train.lr == STAGE_LR[2] != first.train.lr
     third, _ = resolve_run(3, (), ["train.lr=2e-4"], init=str(tmp_path / "checkpoint"), out="u3")
     assert third.train.steps == STAGE_STEPS[3] and third.train.lr == 2e-4
 

@@ -116,8 +116,10 @@ def evaluate(
             out = model.forward_single(batch, tasks=[s.name for s in group])
             preds = [out[s.name].float() for s in group]
             y, x = batch.y, batch.x if dense else None
-            if accelerator is not None:
-                preds, y, x = accelerator.gather_for_metrics((preds, y, x))
+            if accelerator is not None:  # each tensor on its own: the padding duplicates go from every one
+                preds = [accelerator.gather_for_metrics(p) for p in preds]
+                y = accelerator.gather_for_metrics(y)
+                x = accelerator.gather_for_metrics(x) if dense else None
             n += len(y)
             for i, (spec, pred) in enumerate(zip(group, preds)):
                 if spec.kind == "classification":
