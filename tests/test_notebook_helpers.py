@@ -81,6 +81,22 @@ def test_setup_maps_parameters_onto_the_config(tmp_path):
     assert pio.renderers.default == wn.PLOTLY_RENDERER
 
 
+def test_a_stage_notebook_resolves_the_defaults_of_its_own_stage(tmp_path):
+    """Stage notebooks pass their stage to setup: steps and lr left at their defaults must be that
+    stage's (as `workbench train --stage N`), not stage 3's carried over by stage_config."""
+    from workbench.config import STAGE_LR, STAGE_STEPS
+
+    for stage in (1, 2, 3):
+        cfg = wn.stage_config(wn.setup({"preset": "tiny", "output_dir": str(tmp_path)}, stage=stage), stage)
+        assert (cfg.train.stage, cfg.train.steps, cfg.train.lr) == (
+            stage,
+            STAGE_STEPS[stage],
+            STAGE_LR[stage],
+        )
+    cfg = wn.setup({"preset": "tiny", "output_dir": str(tmp_path), "overrides": ["train.lr=1e-3"]}, stage=1)
+    assert cfg.train.lr == 1e-3  # explicit values still win
+
+
 def test_setup_checks_checkpoint_directories(tmp_path):
     with pytest.raises(CheckpointError, match="init_checkpoint"):
         wn.setup({"init_checkpoint": str(tmp_path / "nope")})

@@ -96,8 +96,12 @@ def _nest(dotted: str, value: Any, into: dict) -> None:
     node[leaf] = value
 
 
-def setup(parameters: Mapping[str, Any]) -> Config:
+def setup(parameters: Mapping[str, Any], stage: int | None = None) -> Config:
     """Validate a notebook's parameters into a :class:`Config`, then set up plotting and seeds.
+
+    ``stage``: the training stage the notebook runs, set before the config resolves, so steps and
+    learning rate left at 0 take that stage's defaults (``STAGE_STEPS``, ``STAGE_LR``), as in
+    ``workbench train --stage N``.
 
     Side effects: plotly's default renderer (so figures work in JupyterLab and in the HTML report),
     matplotlib defaults, every RNG seeded with ``cfg.seed``, ``output_dir`` created.
@@ -145,6 +149,8 @@ def setup(parameters: Mapping[str, Any]) -> Config:
             raise ConfigError(f"unknown notebook parameter {name!r}{_closest_parameter(name)}")
     if seeds and "seed" not in base:
         base["seed"] = seeds[0]
+    if stage is not None:
+        base.setdefault("train", {})["stage"] = stage
     cfg = load_config(base=base, overrides=overrides)
 
     if parameters.get("output_dir"):
