@@ -154,10 +154,9 @@ def _weights(run_dir):
     return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("single_stream", ["0", "0.5"])
-def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path, single_stream):
-    cfg = _cfg(3, "train.steps=12", "train.checkpoint_every=4", "train.balance_window=3",
-               f"train.single_stream={single_stream}")  # fmt: skip
+@pytest.mark.parametrize("options", [(), ("train.single_stream=0.5", "train.layer_decay=0.75")])
+def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path, options):
+    cfg = _cfg(3, "train.steps=12", "train.checkpoint_every=4", "train.balance_window=3", *options)
     full = train(cfg, tmp_path / "full")
     again = train(cfg, tmp_path / "again")
     assert full.metrics["test"] == again.metrics["test"]

@@ -180,3 +180,64 @@ def test_single_stream_share_is_drawn_per_update_from_the_seed():
     assert [objective.plan(s) for s in range(50)] == [
         plain.plan(s) for s in range(50)
     ]  # the plan (pairs and tasks) does not depend on the share
+
+
+@pytest.mark.parametrize("layer_decay", [1.0, 0.5])
+def test_layer_decay_scales_each_layers_rate_from_the_heads_down(layer_decay):
+    from workbench.config import load_config
+    from workbench.modalities import default_tasks
+    from workbench.model import build_model
+    from workbench.train.loop import build_optimizer
+    from workbench.train.objectives import MultitaskSupervised
+
+    overrides = ["model.preset=tiny", "train.lr=1e-3", "train.steps=100", "train.warmup_steps=10",
+                 f"train.layer_decay={layer_decay}"]  # fmt: skip
+    cfg = load_config(overrides=overrides)
+    tasks = default_tasks()
+    model = build_model(cfg, tasks)
+    optimizer, scheduler = build_optimizer(MultitaskSupervised(model, cfg, tasks), cfg)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable) == len(group_of)
+
+    depth_f, depth_g = cfg.model.depth_f, cfg.model.depth_g
+    top = depth_f + depth_g + 2
+
+    def expected_scale(name: str) -> float:  # the layer each part of the network sits at
+        parts = name.split(".")
+        if parts[0] == "tokenizers":
+            layer = 0
+        elif parts[:3] == ["f", "body", "blocks"]:
+            layer = 1 + int(parts[3])
+        elif parts[0] in ("f", "A"):
+            layer = depth_f + 1
+        elif parts[:2] == ["g", "blocks"]:
+            layer = depth_f + 2 + int(parts[2])
+        else:  # g's final norm, heads, decoders
+            layer = top
+        return layer_decay ** (top - layer)
+
+    def rates() -> dict[str, float]:
+        return {n: group_of[id(p)]["lr"] for n, p in trainable}
+
+    for _ in range(3):  # warm-up and cosine decay scale every group alike: the ratios hold
+        for name, lr in rates().items():
+            assert lr == pytest.approx(scheduler.get_last_lr()[0] * expected_scale(name), rel=1e-6), name
+        optimizer.step()
+        scheduler.step()
+    head = next(n for n, _ in trainable if n.startswith("heads."))
+    assert optimizer.param_groups[0]["lr"] == rates()[head]  # the logged rate is the heads' (full) rate
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, cfg.train.weight_decay}
+    if layer_decay == 1.0:  # off: the two decay groups of before, every rate equal
+        assert len(optimizer.param_groups) == 2
+    else:
+        assert min(rates().values()) == pytest.approx(max(rates().values()) * layer_decay**top)
+
+
+def test_layer_decay_outside_zero_to_one_is_a_config_error():
+    from workbench.config import load_config
+    from workbench.errors import ConfigError
+
+    for bad in ("0", "1.5", "-0.5"):
+        with pytest.raises(ConfigError, match=r"train\.layer_decay=.* is outside"):
+            load_config(overrides=[f"train.layer_decay={bad}"])

@@ -303,6 +303,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimiser update
     lr: float = 0.0  # peak AdamW rate; 0 = the stage's default (STAGE_LR); 1e-3 is unstable for `small`
     weight_decay: float = 0.05
+    layer_decay: float = 1.0  # layer-wise lr decay (BEiT/MAE): each layer below the heads at d x its rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 50  # linear warm-up, then cosine decay
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
@@ -340,6 +341,7 @@ class TrainConfig:
             _check_range(f"train.{name}", getattr(self, name), lo=0)
         _check_range("train.lr", self.lr, lo=0.0, hi=10.0)  # 0: the stage's default, resolved on load
         _check_range("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_range("train.layer_decay", self.layer_decay, 0.01, 1.0)
         _check_range("train.single_stream", self.single_stream, 0.0, 1.0)
         _check_range("train.keep_checkpoints", self.keep_checkpoints, lo=1)
         for m, r in self.mask_ratio.items():

@@ -441,16 +441,41 @@ class OmniVec2(nn.Module):
         """The most tokens one sample of each modality can become (the longest allowed input)."""
         return {m: p.max_tokens for m, p in self.patchers.items()}
 
-    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+    def layer_id(self, name: str) -> int:
+        """Depth of a parameter for layer-wise lr decay: tokenizers 0, f's blocks 1..depth_f, f's FC
+        layers and A one above them, g's blocks next, and g's norm, the heads and decoders on top."""
+        cfg = self.config.model
+        top = cfg.depth_f + cfg.depth_g + 2
+        parts = name.split(".")
+        if parts[0] == "tokenizers":
+            return 0
+        if parts[:3] == ["f", "body", "blocks"]:
+            return int(parts[3]) + 1
+        if parts[0] in ("f", "A"):
+            return cfg.depth_f + 1
+        if parts[:2] == ["g", "blocks"]:
+            return cfg.depth_f + 2 + int(parts[2])
+        return top
+
+    def optimizer_groups(self, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
         """AdamW parameter groups (timm/MAE habit): no weight decay on biases, norms, tokens, embeddings
-        of labels and the temperature (every parameter with fewer than 2 dimensions or a learned token)."""
-        decay, no_decay = [], []
+        of labels and the temperature (every parameter with fewer than 2 dimensions or a learned token).
+
+        With ``layer_decay < 1`` (BEiT / MAE fine-tuning) each group also carries ``lr_scale =
+        layer_decay ** (top - layer_id)``: the heads train at the full rate, each layer below at
+        ``layer_decay`` times the one above. Groups come top layer first."""
+        top = self.layer_id("heads")
+        groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             skip = p.ndim < 2 or name.endswith(("cls", "mask_token", "label_embed"))
-            (no_decay if skip else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            layer = self.layer_id(name) if layer_decay != 1.0 else top
+            groups.setdefault((top - layer, skip), []).append(p)
+        return [
+            {"params": params, "weight_decay": 0.0 if skip else weight_decay, "lr_scale": layer_decay**depth}
+            for (depth, skip), params in sorted(groups.items())
+        ]
 
     def init_heads_from_decoders(self) -> list[str]:
         """``task_head=autoencoder``: copy each modality's stage-1 decoder trunk into its tasks' heads."""
