@@ -403,8 +403,9 @@ def test_only_selects_a_notebook_and_its_upstream(tmp_path):
         NotebookSpec("b", "b.ipynb", depends_on=("a",)),
         NotebookSpec("c", "c.ipynb"),
     ]
+    said: list[str] = []
     result = run_pipeline(
-        "tiny", tmp_path / "r", registry=registry, notebooks_dir=tmp_path, only=["b"], log=None
+        "tiny", tmp_path / "r", registry=registry, notebooks_dir=tmp_path, only=["b"], log=said.append
     )
     status = {r.name: (r.status, r.reason) for r in result.notebooks}
     assert status == {
@@ -412,6 +413,8 @@ def test_only_selects_a_notebook_and_its_upstream(tmp_path):
         "b": ("missing", "b.ipynb does not exist yet"),
         "c": ("skipped", "not selected (--only)"),
     }
+    counters = [line.split()[0] for line in said if line.startswith("[")]
+    assert counters == ["[1/2]", "[2/2]"]  # progress counts the selected notebooks, not the registry
 
 
 def test_missing_declared_output_fails_the_notebook(tmp_path):

@@ -353,7 +353,8 @@ def _schedule(
     order); one that cannot run is settled as missing/skipped once its dependencies are. After a
     failure nothing new starts; notebooks already running finish and are kept.
     """
-    total, count = len(plans), iter(range(1, len(plans) + 1))
+    total = sum(spec.name in selected for spec, _, _ in plans)  # "[k/total]" counts what --only runs
+    count = iter(range(1, total + 1))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     pending = list(plans)
     running: dict[Future, tuple[NotebookSpec, NotebookResult]] = {}
