@@ -470,8 +470,8 @@ class OmniVec2(nn.Module):
             if not p.requires_grad:
                 continue
             skip = p.ndim < 2 or name.endswith(("cls", "mask_token", "label_embed"))
-            layer = self.layer_id(name) if layer_decay != 1.0 else top
-            groups.setdefault((top - layer, skip), []).append(p)
+            depth = top - self.layer_id(name) if layer_decay != 1.0 else 0  # off: the two groups of before
+            groups.setdefault((depth, skip), []).append(p)
         return [
             {"params": params, "weight_decay": 0.0 if skip else weight_decay, "lr_scale": layer_decay**depth}
             for (depth, skip), params in sorted(groups.items())

@@ -35,7 +35,7 @@ from accelerate.utils import GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
 
 from workbench.config import Config, save_config, to_dict
-from workbench.errors import ConfigError, WorkbenchError
+from workbench.errors import WorkbenchError
 from workbench.hardware import resolve_precision
 from workbench.train.objectives import OBJECTIVES, Objective
 from workbench.train.streams import StreamSet
@@ -75,13 +75,7 @@ def build_optimizer(
     """AdamW with the network's own decay groups (no decay on biases, norms, tokens, label embeddings;
     ViT/MAE habit) plus the objective's extra parameters (e.g. uncertainty weights), undecayed."""
     t = cfg.train
-    model = objective.model
-    if t.layer_decay != 1.0:
-        if not hasattr(model, "layer_id"):
-            raise ConfigError(f"train.layer_decay needs a layered network; {type(model).__name__} has none")
-        groups = model.optimizer_groups(t.weight_decay, layer_decay=t.layer_decay)
-    else:
-        groups = model.optimizer_groups(t.weight_decay)
+    groups = objective.model.optimizer_groups(t.weight_decay, layer_decay=t.layer_decay)
     own = {id(p) for g in groups for p in g["params"]}
     extra = [p for p in objective.parameters() if p.requires_grad and id(p) not in own]
     if extra:
