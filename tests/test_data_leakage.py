@@ -139,7 +139,8 @@ def test_arithmetic_phrases_mean_their_digit():
     en = {it["text"]: it["digit"] for it in phrases.build_texts(0, 1.0) if it["language"] == "en"}
     words = {phrases.word(n, "en"): n for n in range(100)}
     for text, digit in en.items():
-        parts = text.rstrip("?").replace("what is ", "").split()
+        text = text.removeprefix("what is ").removesuffix("?")
+        parts = text.split()
         if len(parts) == 3 and parts[1] in ("plus", "minus", "times"):
             a, b = words[parts[0]], words[parts[2]]
             assert {"plus": a + b, "minus": a - b, "times": a * b}[parts[1]] == digit
@@ -153,3 +154,24 @@ def test_arithmetic_phrases_mean_their_digit():
             a, b = (words[w.strip()] for w in text[len("split ") : -len(" equal parts")].split(" into "))
             assert a == digit * b
     assert any(t.startswith("take ") for t in en) and any(t.startswith("split ") for t in en)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_held_out_arithmetic_asks_facts_that_training_taught_in_another_frame(seed):
+    """ "what is nine minus four?" is tested only after "nine minus four" trained: the operation's
+    word and the operand pair were seen; only the frame is new (no guessing what "minus" means)."""
+    family = {t.name: t.family for t in phrases.TEMPLATES}
+    kind = {t.name: t.kind for t in phrases.TEMPLATES}
+    items = phrases.build_texts(seed, 1.0)
+
+    def fact(it):  # the frame stripped: "what is nine minus four?" -> "nine minus four"
+        return family[it["template"]], it["text"].lower().removeprefix("what is ").removesuffix("?")
+
+    taught = {fact(it) for it in items if it["split"] == "train" and it["language"] == "en"}
+    held = [it for it in items if it["split"] != "train" and kind[it["template"]] == "arith"]
+    held_en = [it for it in held if it["language"] == "en"]
+    assert held_en and {it["split"] for it in held} == {"val", "test"}
+    assert all(fact(it) in taught for it in held_en), [it["text"] for it in held_en if fact(it) not in taught]
+    trained = {w for it in items if it["split"] == "train" for w in it["text"].lower().split()}
+    for it in held:  # every word of a held-out arithmetic phrase occurs in training, in every language
+        assert set(it["text"].lower().split()) <= trained, it

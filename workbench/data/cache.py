@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from workbench.data.audio import one_thread
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 META = "meta.json"
 
 

