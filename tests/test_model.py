@@ -14,8 +14,9 @@ from workbench.config import load_config
 from workbench.errors import CheckpointError, ConfigError, MediaError
 from workbench.modalities import MODALITIES, SAMPLE_RATE, TaskSpec, default_tasks
 from workbench.model import OmniVec2, TextTokenizer, build_model
-from workbench.model.patching import grid_to_signal
+from workbench.model.patching import grid_to_signal, sincos_embedding
 from workbench.model.synthetic import synthetic_batch
+from workbench.model.tokenizers import positions
 
 TASKS = default_tasks()
 PRESETS = ["tiny", "small"]
@@ -614,3 +615,39 @@ def test_cli_model_prints_components_and_token_counts(capsys):
     for m in MODALITIES:
         assert m in out
     assert main(["model", "--preset", "nope"]) == 2
+
+
+# --------------------------------------------------------------------------------- text position shift
+def test_text_shift_moves_each_phrase_in_training_only():
+    """model.text_shift: in training a phrase's tokens carry the positions of a random start in [0, K]
+    (token j of a phrase shifted by s has position j + s exactly); in eval, and for signals, nothing moves."""
+    coords = torch.arange(5.0)[:, None]
+    shifted = positions(coords, 32, torch.tensor([0, 3]))
+    torch.testing.assert_close(shifted[0], sincos_embedding(coords, 32))
+    torch.testing.assert_close(shifted[1], sincos_embedding(coords + 3, 32))
+
+    model = model_for("tiny", "model.text_shift=6")
+    text, image = batch("text/digit", n=64), batch("image/digit")
+    with torch.no_grad():
+        _, still, _ = model.tokenize(text)
+        model.train()
+        torch.manual_seed(0)
+        _, moved, _ = model.tokenize(text)
+        _, image_train, _ = model.tokenize(image)
+    model.eval()
+    n = still.shape[1]
+    grid = torch.arange(float(n))[:, None]
+    content = still - sincos_embedding(grid, still.shape[-1])
+    candidates = positions(grid, still.shape[-1], torch.arange(7))  # (7, n, dim): every allowed start
+    found = set()
+    for row in range(64):  # recover each phrase's start from the positions it was given
+        pe = moved[row] - content[row]
+        match = [s for s in range(7) if torch.allclose(pe, candidates[s], atol=1e-5)]
+        assert len(match) == 1, row
+        found.add(match[0])
+    assert found == set(range(7))  # every offset in [0, K] drawn, none outside
+    with torch.no_grad():
+        _, image_eval, _ = model.tokenize(image)
+        _, again, _ = model.tokenize(text)
+    torch.testing.assert_close(image_train, image_eval)  # signals never move
+    torch.testing.assert_close(again, still)  # eval: the phrase starts at 0, deterministic

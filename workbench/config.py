@@ -138,6 +138,7 @@ class ModelConfig:
     )  # (mean, std) of video pixels (the embedded moving digits: mostly black frames)
     text_vocab_size: int = 2000  # rows of the text embedding; the trained BPE vocabulary must fit
     max_text_tokens: int = 64  # longer text is rejected, never silently truncated
+    text_shift: int = 8  # training only: each phrase's positions start at a random offset in [0, K]; 0 off
     tokenizer: str = "specific"  # specific (one per modality) | unified (Meta-Transformer Data2Seq)
     task_head: str = "specific"  # specific (one per modality/task) | unified (Uni-Perceiver) | autoencoder
     fusion: str = "hybrid"  # hybrid (OmniVec2 cross-attention) | early (one joint sequence) | late (none)
@@ -207,6 +208,7 @@ class ModelConfig:
                 raise ConfigError(f"model.{name}={width} must be even (sin-cos positional embeddings)")
         _check_range("model.dropout", self.dropout, 0.0, 1.0)
         _check_range("model.drop_path", self.drop_path, 0.0, 1.0)
+        _check_range("model.text_shift", self.text_shift, 0, 256)
         if IMAGE_SIZE % self.patch_size:
             raise ConfigError(f"model.patch_size={self.patch_size} must divide the {IMAGE_SIZE}-pixel images")
         if VIDEO_SIZE % self.video_patch:

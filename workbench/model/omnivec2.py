@@ -178,6 +178,7 @@ class OmniVec2(nn.Module):
             self.tokenizers = UnifiedTokenizer(dict(self.patchers), cfg.dim, cfg.text_vocab_size)
         else:
             self.tokenizers = SpecificTokenizers(dict(self.patchers), cfg.dim, cfg.text_vocab_size, cfg.stem)
+        self.text_shift = cfg.text_shift
         self.f = FeatureTransform(cfg)
         self.A = Fusion(cfg) if cfg.fusion == "hybrid" else None
         self.g = Transformer("g", w, cfg.depth_g, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.drop_path)
@@ -256,8 +257,15 @@ class OmniVec2(nn.Module):
         if batch.modality not in self.patchers:
             raise ConfigError(f"the model has no tokenizer for {batch.modality!r}; it has {self.modalities}")
         p = self.patchers[batch.modality](batch.x, batch.lengths)
-        x, coords = self.tokenizers.embed(batch.modality, p)
+        x, coords = self.tokenizers.embed(batch.modality, p, self._shift(batch.modality, p))
         return p, x, coords
+
+    def _shift(self, modality: str, p: Patches) -> Tensor | None:
+        """In training, a random start in [0, model.text_shift] per phrase (drawn from the global
+        generator, as dropout is); None for signals, in eval, and when the option is off."""
+        if not (self.training and self.text_shift and self.patchers[modality].discrete):
+            return None
+        return torch.randint(0, self.text_shift + 1, (p.values.shape[0],), device=p.values.device)
 
     def encode(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
         """Single-stream features g(f(x)): (B, N, w) and the padding mask (B, N)."""
@@ -346,7 +354,9 @@ class OmniVec2(nn.Module):
             ids, mask = bert_corruption(
                 p.values, ratio, patcher.mask_id, patcher.random_ids, p.padding, generator
             )
-            x, coords = self.tokenizers.embed(batch.modality, replace(p, values=ids))
+            x, coords = self.tokenizers.embed(
+                batch.modality, replace(p, values=ids), self._shift(batch.modality, p)
+            )
             return _Visible(x, p.padding, coords, None, mask, p, target)
         m = random_masking(p.values, ratio, p.padding, generator)  # the draw depends on (B, N) only
         seen = p

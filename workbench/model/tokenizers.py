@@ -94,6 +94,18 @@ class ConvStem(nn.Module):
         return y.flatten(2).transpose(1, 2)  # (B, N, dim), row-major like the patches
 
 
+def positions(coords: Tensor, dim: int, shift: Tensor | None = None) -> Tensor:
+    """Sin-cos positions of ``coords`` (N, k): (N, dim), or (B, N, dim) with each sample's first axis
+    moved by ``shift`` (B,) slots. A phrase then reads the same wherever it starts: "seven minus
+    two" at positions 0-2 and inside "what is seven minus two?" at 2-4 (``model.text_shift``,
+    after the randomized positional encodings of Ruoss et al. 2023, here a random offset)."""
+    if shift is None:
+        return sincos_embedding(coords, dim)
+    moved = coords[None].expand(len(shift), -1, -1).clone()  # (B, N, k)
+    moved[..., 0] += shift.to(coords.dtype)[:, None]
+    return sincos_embedding(moved.flatten(0, 1), dim).unflatten(0, moved.shape[:2])
+
+
 class SpecificTokenizers(nn.ModuleDict):
     """``{modality: nn.Linear(P, dim) | ConvStem | nn.Embedding(V, dim)}`` with modality-shaped positions."""
 
@@ -123,14 +135,17 @@ class SpecificTokenizers(nn.ModuleDict):
                 nn.init.normal_(proj.weight, std=proj.in_features**-0.5)  # LeCun
                 nn.init.zeros_(proj.bias)
 
-    def embed(self, modality: str, patches: Patches) -> tuple[Tensor, Tensor]:
-        """-> tokens (B, N, dim) with positions added, and the coordinates used (N, k)."""
+    def embed(self, modality: str, patches: Patches, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """-> tokens (B, N, dim) with positions added, and the coordinates used (N, k).
+
+        ``shift`` (B,) moves each sample's 1-D positions by that many slots (see :func:`positions`).
+        """
         proj = self[modality]
         if isinstance(proj, ConvStem):
             x = proj(patches.values, patches.grid)
         else:
             x = proj(patches.values)  # (B, N, dim)
-        return x + sincos_embedding(patches.coords, self.dim).to(x.dtype), patches.coords
+        return x + positions(patches.coords, self.dim, shift).to(x.dtype), patches.coords
 
 
 class UnifiedTokenizer(nn.Module):
@@ -156,11 +171,11 @@ class UnifiedTokenizer(nn.Module):
             nn.init.normal_(self.weight[: self.signal_width], std=max(self.signal_width, 1) ** -0.5)
             nn.init.normal_(self.weight[self.signal_width :])
 
-    def embed(self, modality: str, patches: Patches) -> tuple[Tensor, Tensor]:
+    def embed(self, modality: str, patches: Patches, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
         v = patches.values
         if self.discrete[modality]:
             x = F.embedding(v, self.weight[self.signal_width :]) + self.bias  # one-hot(id) @ W[S:] + b
         else:
             x = v @ self.weight[: v.shape[-1]] + self.bias  # [v | 0...0] @ W[:S] + b
         coords = grid_coords((v.shape[1],), v.device)  # (N, 1): the token's index, whatever the input
-        return x + sincos_embedding(coords, self.dim).to(x.dtype), coords
+        return x + positions(coords, self.dim, shift).to(x.dtype), coords
