@@ -261,8 +261,8 @@ class OmniVec2(nn.Module):
         return p, x, coords
 
     def _shift(self, modality: str, p: Patches) -> Tensor | None:
-        """In training, a random start in [0, model.text_shift] per phrase (drawn from the global
-        generator, as dropout is); None for signals, in eval, and when the option is off."""
+        """In training, a random start in [0, model.text_shift] per phrase (the global generator: not yet
+        replayed by --resume, hence off by default); None for signals, in eval, and when off."""
         if not (self.training and self.text_shift and self.patchers[modality].discrete):
             return None
         return torch.randint(0, self.text_shift + 1, (p.values.shape[0],), device=p.values.device)
