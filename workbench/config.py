@@ -138,7 +138,7 @@ class ModelConfig:
     )  # (mean, std) of video pixels (the embedded moving digits: mostly black frames)
     text_vocab_size: int = 2000  # rows of the text embedding; the trained BPE vocabulary must fit
     max_text_tokens: int = 64  # longer text is rejected, never silently truncated
-    text_shift: int = 0  # training only: each phrase's positions start at a random offset in [0, K] (off: 0)
+    text_shift: int = 8  # training only: each phrase's positions start at a random offset in [0, K] (off: 0)
     tokenizer: str = "specific"  # specific (one per modality) | unified (Meta-Transformer Data2Seq)
     task_head: str = "specific"  # specific (one per modality/task) | unified (Uni-Perceiver) | autoencoder
     fusion: str = "hybrid"  # hybrid (OmniVec2 cross-attention) | early (one joint sequence) | late (none)

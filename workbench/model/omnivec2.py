@@ -252,20 +252,25 @@ class OmniVec2(nn.Module):
                 rec.scope = old
 
     # ------------------------------------------------------------------------------- named stages
-    def tokenize(self, batch: Batch) -> tuple[Patches, Tensor, Tensor]:
-        """-> patches, tokens (B, N, dim) with positions, token coordinates (N, k)."""
+    def tokenize(
+        self, batch: Batch, generator: torch.Generator | None = None
+    ) -> tuple[Patches, Tensor, Tensor]:
+        """-> patches, tokens (B, N, dim) with positions, token coordinates (N, k). ``generator`` draws
+        the training-time text position offsets (``model.text_shift``); None: the global generator."""
         if batch.modality not in self.patchers:
             raise ConfigError(f"the model has no tokenizer for {batch.modality!r}; it has {self.modalities}")
         p = self.patchers[batch.modality](batch.x, batch.lengths)
-        x, coords = self.tokenizers.embed(batch.modality, p, self._shift(batch.modality, p))
+        x, coords = self.tokenizers.embed(batch.modality, p, self._shift(batch.modality, p, generator))
         return p, x, coords
 
-    def _shift(self, modality: str, p: Patches) -> Tensor | None:
-        """In training, a random start in [0, model.text_shift] per phrase (the global generator: not yet
-        replayed by --resume, hence off by default); None for signals, in eval, and when off."""
+    def _shift(self, modality: str, p: Patches, generator: torch.Generator | None) -> Tensor | None:
+        """In training, a random start in [0, model.text_shift] per phrase, drawn on the CPU from
+        ``generator`` (the training loop passes one seeded by (seed, stage, step), so a resumed run
+        replays the draws); None for signals, in eval, and when off (no draw at all)."""
         if not (self.training and self.text_shift and self.patchers[modality].discrete):
             return None
-        return torch.randint(0, self.text_shift + 1, (p.values.shape[0],), device=p.values.device)
+        shift = torch.randint(0, self.text_shift + 1, (p.values.shape[0],), generator=generator)
+        return shift.to(p.values.device)
 
     def encode(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
         """Single-stream features g(f(x)): (B, N, w) and the padding mask (B, N)."""
@@ -322,18 +327,23 @@ class OmniVec2(nn.Module):
         """``forward(batch)`` = :meth:`forward_single`; ``forward(a, b)`` = :meth:`forward_pair`."""
         return self.forward_single(a) if b is None else self.forward_pair(a, b)
 
-    def forward_single(self, batch: Batch, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """h(g(f(x))) for each task of the batch's modality: ``{task name: (B, C) logits | (B, *shape)}``."""
+    def forward_single(
+        self, batch: Batch, tasks: Sequence[str] | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """h(g(f(x))) for each task of the batch's modality: ``{task name: (B, C) logits | (B, *shape)}``.
+        ``generator``: training-time noise (text position offsets), as in :meth:`tokenize`."""
         keys = self.task_keys(batch.modality, tasks)
-        p, x, coords = self.tokenize(batch)
+        p, x, coords = self.tokenize(batch, generator)
         z = self.g(self.f(x, p.padding), p.padding)  # (B, N, w)
         return {self.tasks[k].name: self._predict(k, z, p.padding, coords) for k in keys}
 
-    def forward_pair(self, a: Batch, b: Batch) -> tuple[Tensor, Tensor]:
+    def forward_pair(
+        self, a: Batch, b: Batch, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Two streams, pred_i = h_iq(A(x_hat_ij, x_i)) (METHOD.md): predictions for a.task and b.task."""
         self._task(a.key), self._task(b.key)
-        pa, xa, ca = self.tokenize(a)
-        pb, xb, cb = self.tokenize(b)
+        pa, xa, ca = self.tokenize(a, generator)
+        pb, xb, cb = self.tokenize(b, generator)
         oa, ob = self._two_streams(xa, pa.padding, xb, pb.padding)
         with self._stream("i"):
             pred_a = self._predict(a.key, oa, pa.padding, ca)
@@ -355,7 +365,7 @@ class OmniVec2(nn.Module):
                 p.values, ratio, patcher.mask_id, patcher.random_ids, p.padding, generator
             )
             x, coords = self.tokenizers.embed(
-                batch.modality, replace(p, values=ids), self._shift(batch.modality, p)
+                batch.modality, replace(p, values=ids), self._shift(batch.modality, p, generator)
             )
             return _Visible(x, p.padding, coords, None, mask, p, target)
         m = random_masking(p.values, ratio, p.padding, generator)  # the draw depends on (B, N) only

@@ -69,7 +69,8 @@ class Objective(nn.Module):
         return np.random.default_rng([self.seed, self.stage, step, micro])
 
     def _generator(self, step: int, micro: int = 0) -> torch.Generator:
-        """Masking noise for this step and process: reproducible, and independent of data order."""
+        """Training noise (masks, text offsets) for this step and process: reproducible, and independent
+        of data order, so a resumed run replays it."""
         g = torch.Generator()
         g.manual_seed(int(self._rng(step, micro).integers(2**62)) + self.rank)
         return g
@@ -202,11 +203,12 @@ class MultitaskSupervised(Objective):
 
     def forward(self, batches: list[Batch], step: int, micro: int = 0):
         a, b = batches
+        g = self._generator(step, micro)  # training-time noise (text offsets): replayed on resume
         if self.single_stream(step, micro):
-            pred_a = self.model.forward_single(a, tasks=[a.task])[a.task]
-            pred_b = self.model.forward_single(b, tasks=[b.task])[b.task]
+            pred_a = self.model.forward_single(a, tasks=[a.task], generator=g)[a.task]
+            pred_b = self.model.forward_single(b, tasks=[b.task], generator=g)[b.task]
         else:
-            pred_a, pred_b = self.model.forward_pair(a, b)
+            pred_a, pred_b = self.model.forward_pair(a, b, generator=g)
         losses = _average(
             [(x.key, self.model.task_loss(x.key, p, x.y)) for x, p in ((a, pred_a), (b, pred_b))]
         )
@@ -257,7 +259,8 @@ class AlternatingSupervised(MultitaskSupervised):
     def forward(self, batches: list[Batch], step: int, micro: int = 0):
         (batch,) = batches
         batch, _ = self.at_resolution(batch, step, micro)
-        pred = self.model.forward_single(batch, tasks=[batch.task])[batch.task]
+        pred = self.model.forward_single(batch, tasks=[batch.task], generator=self._generator(step, micro))
+        pred = pred[batch.task]
         losses = {batch.key: self.model.task_loss(batch.key, pred, batch.y)}
         return self._with_moe_aux(self.balancer(losses), {k: v.detach() for k, v in losses.items()})
 
