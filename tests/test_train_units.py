@@ -12,7 +12,7 @@ from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader, TensorDataset
 
 from workbench.data.loaders import EpochShuffle
-from workbench.train.balance import TaskBalancer
+from workbench.train.balance import MAX_RATE, TaskBalancer
 from workbench.train.loop import warmup_cosine
 from workbench.train.streams import BatchStream, StreamSet
 
@@ -37,6 +37,18 @@ def test_dwa_upweights_the_task_that_converges_slowest():
     assert w["b"] == pytest.approx(2 * eb / (ea + eb))
     total = bal({"a": torch.tensor(2.0), "b": torch.tensor(3.0)})
     assert total.item() == pytest.approx(2.0 * w["a"] + 3.0 * w["b"])
+
+
+def test_dwa_a_solved_task_s_noise_does_not_silence_the_others():
+    """A near-zero loss that jumps 80x in one window (noise on a solved task) must not take all the
+    weight: uncapped, DWA gave the unsolved task a weight of exactly 0 (seen in a real run)."""
+    bal = TaskBalancer(["solved", "hard"], "dwa", temperature=2.0, window=1)
+    for losses in ({"solved": 0.0005, "hard": 2.07}, {"solved": 0.04, "hard": 2.06}):
+        bal.observe(losses)
+    w = bal.weights()
+    assert w["solved"] > w["hard"]  # the jump still counts as slow convergence ...
+    assert w["solved"] / w["hard"] == pytest.approx(math.exp((MAX_RATE - 2.06 / 2.07) / 2.0))
+    assert w["hard"] > 0.5  # ... but no more than a doubled loss does
 
 
 def test_dwa_state_round_trip():
