@@ -435,7 +435,7 @@ def test_load_components_copies_backbone_not_heads_or_decoders(tmp_path):
 
 
 def test_text_tokenizer_must_fit_the_embedding():
-    model = build_model(load_config(overrides=["model.preset=tiny", "model.text_vocab_size=50"]), TASKS)
+    model = build_model(load_config(overrides=["model.preset=tiny", "model.text_vocab_size=10"]), TASKS)
     with pytest.raises(ConfigError, match="text_vocab_size"):
         model.text_tokenizer = _tokenizer()
 
@@ -626,7 +626,7 @@ def test_text_shift_moves_each_phrase_in_training_only():
     torch.testing.assert_close(shifted[0], sincos_embedding(coords, 32))
     torch.testing.assert_close(shifted[1], sincos_embedding(coords + 3, 32))
 
-    model = model_for("tiny", "model.text_shift=6")
+    model = model_for("tiny", "model.text_shift=6", "model.text_unk=0")  # positions only: no word dropout
     text, image = batch("text/digit", n=64), batch("image/digit")
     with torch.no_grad():
         _, still, _ = model.tokenize(text)
@@ -659,3 +659,49 @@ def test_text_shift_moves_each_phrase_in_training_only():
         _, again, _ = model.tokenize(text)
     torch.testing.assert_close(image_train, image_eval)  # signals never move
     torch.testing.assert_close(again, still)  # eval: the phrase starts at 0, deterministic
+
+
+# ------------------------------------------------------------------------- text vocabulary and [UNK]
+def test_word_vocabulary_reads_an_unseen_word_as_one_unk_where_bpe_shatters_it():
+    """The held-out phrasing "Zimmer Nummer 3": whole words give "[UNK] [UNK] 3"; BPE gives character
+    pieces that also occur inside number words (text_tokenizer.py)."""
+    from workbench.model.text_tokenizer import UNK_ID
+
+    corpus = ["die Zahl 3", "die Zahl drei", "vier minus eins", "neun", "die Antwort ist sieben"] * 4
+    words = TextTokenizer.train(corpus, vocab_size=100, kind="word")
+    ids, lengths = words.encode(["Zimmer Nummer 3", "die Zahl drei"])
+    assert lengths.tolist() == [3, 3]
+    assert ids[0].tolist() == [UNK_ID, UNK_ID, words.tokenizer.token_to_id("3")]
+    assert UNK_ID not in ids[1].tolist()
+    pieces = TextTokenizer.train(corpus, vocab_size=100, kind="bpe").tokens("Zimmer Nummer 3")
+    assert len(pieces) > 3 and "[UNK]" not in pieces[:2]
+    with pytest.raises(ValueError, match="word' or 'bpe"):
+        TextTokenizer.train(corpus, kind="chars")
+
+
+def test_word_dropout_hides_words_behind_unk_in_training_only():
+    """model.text_unk=p: in training each word id (never [PAD]/[CLS]/...) becomes [UNK] with probability
+    p, decided by the passed generator alone; eval and signals are untouched."""
+    from workbench.model.text_tokenizer import SPECIAL_TOKENS, UNK_ID
+
+    model = model_for("tiny", "model.text_unk=0.3")
+    text = batch("text/digit", n=64)
+    p = model.patchers["text"](text.x, text.lengths)
+    assert model._word_dropout("text", p, None) is p  # eval: nothing hidden
+    model.train()
+    try:
+        first = model._word_dropout("text", p, torch.Generator().manual_seed(3))
+        torch.manual_seed(99)
+        again = model._word_dropout("text", p, torch.Generator().manual_seed(3))
+        image = batch("image/digit")
+        pi = model.patchers["image"](image.x)
+        assert model._word_dropout("image", pi, torch.Generator()) is pi
+    finally:
+        model.eval()
+    assert torch.equal(first.values, again.values)
+    changed = first.values != p.values
+    assert (first.values[changed] == UNK_ID).all()  # hidden words become [UNK] ...
+    assert (p.values[changed] >= len(SPECIAL_TOKENS)).all()  # ... and only words are ever hidden
+    words = p.values >= len(SPECIAL_TOKENS)
+    share = changed.sum().item() / words.sum().item()
+    assert 0.2 < share < 0.4, share  # ~0.3 of ~600 words

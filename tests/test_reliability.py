@@ -302,7 +302,7 @@ MEDIA_CORPUS = [
     Case("text-only-whitespace", "text", "  \n\t ", "the text is empty"),
     Case("text-only-control-chars", "text", "\x00\x01\x7f\u200b", "the text is empty"),
     Case("text-enormous", "text", "seven " * 20_000, r"120,000 characters long; the limit is 2,000"),
-    Case("text-over-model-tokens", "text", "x" * 2000, "2000 tokens long; the limit is 64"),
+    Case("text-over-model-tokens", "text", "x " * 500, "500 tokens long; the limit is 64"),
 ]
 
 NO_CKPT = "/nonexistent/checkpoint"

@@ -136,7 +136,11 @@ class ModelConfig:
     video_norm: list[float] = field(
         default_factory=lambda: [0.033, 0.133]
     )  # (mean, std) of video pixels (the embedded moving digits: mostly black frames)
-    text_vocab_size: int = 2000  # rows of the text embedding; the trained BPE vocabulary must fit
+    text_vocab: str = (
+        "word"  # text tokenizer: word (unseen words -> [UNK]) | bpe (sub-words); text_tokenizer.py
+    )
+    text_vocab_size: int = 2000  # rows of the text embedding; the trained vocabulary must fit
+    text_unk: float = 0.1  # training only: share of words hidden behind [UNK] (word dropout; off: 0)
     max_text_tokens: int = 64  # longer text is rejected, never silently truncated
     text_shift: int = 8  # training only: each phrase's positions start at a random offset in [0, K] (off: 0)
     tokenizer: str = "specific"  # specific (one per modality) | unified (Meta-Transformer Data2Seq)
@@ -209,6 +213,8 @@ class ModelConfig:
         _check_range("model.dropout", self.dropout, 0.0, 1.0)
         _check_range("model.drop_path", self.drop_path, 0.0, 1.0)
         _check_range("model.text_shift", self.text_shift, 0, 256)
+        _check_choice("model.text_vocab", self.text_vocab, ("word", "bpe"))
+        _check_range("model.text_unk", self.text_unk, 0.0, 0.9)
         if IMAGE_SIZE % self.patch_size:
             raise ConfigError(f"model.patch_size={self.patch_size} must divide the {IMAGE_SIZE}-pixel images")
         if VIDEO_SIZE % self.video_patch:

@@ -94,7 +94,7 @@ class DeepSenseData:
 
 def load_deepsense_data(cfg: Config, task: str = "digit") -> DeepSenseData:
     """Load the benchmark for every modality of ``deepsense.pairs`` (seeded by ``cfg.seed``) and train
-    the BPE text tokenizer on the training texts when text is among them (``model.text_vocab_size``)."""
+    the text tokenizer on the training texts when text is among them (``model.text_vocab_size``)."""
     from workbench.data import load_benchmark
 
     pairs = parse_pairs(cfg.deepsense.pairs)
@@ -105,7 +105,9 @@ def load_deepsense_data(cfg: Config, task: str = "digit") -> DeepSenseData:
         from workbench.model.text_tokenizer import TextTokenizer
 
         m = cfg.model
-        tokenizer = TextTokenizer.train(bench.text_corpus("train"), m.text_vocab_size, m.max_text_tokens)
+        tokenizer = TextTokenizer.train(
+            bench.text_corpus("train"), m.text_vocab_size, m.max_text_tokens, m.text_vocab
+        )
     return DeepSenseData(bench, pairs, tokenizer, task)
 
 

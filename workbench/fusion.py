@@ -267,7 +267,9 @@ def load_fusion_data(cfg: Config, pair: Sequence[str] | None = None, task: str =
         from workbench.model.text_tokenizer import TextTokenizer
 
         m = cfg.model
-        tokenizer = TextTokenizer.train(bench.text_corpus("train"), m.text_vocab_size, m.max_text_tokens)
+        tokenizer = TextTokenizer.train(
+            bench.text_corpus("train"), m.text_vocab_size, m.max_text_tokens, m.text_vocab
+        )
     return FusionData(bench, tasks, tokenizer)
 
 

@@ -13,7 +13,7 @@ image      float32 (B, 1, 28, 28) in [0, 1], ink high   None
 audio      float32 (B, L) mono waveform at 16 kHz,      int64 (B,) valid samples per row
            zero-padded on the right
 video      float32 (B, T, 1, S, S) in [0, 1], ink high  None
-text       int64 (B, N) BPE token ids, 0 = padding      int64 (B,) valid tokens per row
+text       int64 (B, N) word token ids, 0 = padding     int64 (B,) valid tokens per row
 =========  ===========================================  ===========================================
 
 ``y`` is int64 (B,) class indices for classification tasks and float32 with the target's shape

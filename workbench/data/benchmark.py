@@ -190,7 +190,7 @@ class Benchmark:
         return self._datasets[key]
 
     def text_corpus(self, split: str = "train") -> list[str]:
-        """Every distinct text of ``split`` over all text-input tasks (to train the BPE tokenizer)."""
+        """Every distinct text of ``split`` over all text-input tasks (to train the text tokenizer)."""
         out: dict[str, None] = {}
         for spec in self.tasks:
             ds = self.dataset(spec.modality, spec.name, split)

@@ -11,7 +11,7 @@ encoders (:data:`ENCODERS`, the one place a modality is named)::
     audio  AudioEncoder   Conformer (Gulati et al. 2020) on the workbench's log-mel spectrogram
                           (model/audio.py), ``deepsense.audio_stride`` frames stacked per token (a linear
                           stand-in for the paper's 4x convolutional subsampling). Masked mean = pooled.
-    text   TextEncoder    decoder-only (GPT-style) blocks with CAUSAL self-attention over BPE ids. The
+    text   TextEncoder    decoder-only (GPT-style) blocks with CAUSAL self-attention over token ids. The
                           last valid token's features = pooled (CLIP's text-transformer habit): under a
                           causal mask it is the only position that has read the whole text.
     video  VideoEncoder   the hierarchical ViT on every frame, one vector per frame plus a time position;
@@ -409,7 +409,7 @@ class CausalBlock(nn.Module):
 
 
 class TextEncoder(Encoder):
-    """(B, N) BPE ids + lengths -> (B, N, dim) causal features; pooled = the last valid token's features.
+    """(B, N) token ids + lengths -> (B, N, dim) causal features; pooled = the last valid token's features.
 
     Token embedding + fixed 1-D sin-cos positions, ``model.depth_f`` causal blocks, final LayerNorm.
     Ids, lengths and the vocabulary are checked by the workbench's :class:`TextPatcher`.

@@ -55,7 +55,7 @@ from workbench.model.heads import HEADS, MaskedDecoder, masked_mean
 from workbench.model.masking import Masked, bert_corruption, random_masking
 from workbench.model.moe import apply_moe
 from workbench.model.patching import PATCHERS, Patches
-from workbench.model.text_tokenizer import TextTokenizer
+from workbench.model.text_tokenizer import SPECIAL_TOKENS, UNK_ID, TextTokenizer
 from workbench.model.tokenizers import SpecificTokenizers, UnifiedTokenizer
 
 
@@ -204,7 +204,7 @@ class OmniVec2(nn.Module):
     # ---------------------------------------------------------------------------------- properties
     @property
     def text_tokenizer(self) -> TextTokenizer | None:
-        """The BPE tokenizer whose ids the text embedding is indexed by (saved with the checkpoint)."""
+        """The text tokenizer (words or BPE, ``model.text_vocab``) whose ids the text embedding is indexed by (saved with the checkpoint)."""
         return self._text_tokenizer
 
     @text_tokenizer.setter
@@ -260,8 +260,21 @@ class OmniVec2(nn.Module):
         if batch.modality not in self.patchers:
             raise ConfigError(f"the model has no tokenizer for {batch.modality!r}; it has {self.modalities}")
         p = self.patchers[batch.modality](batch.x, batch.lengths)
-        x, coords = self.tokenizers.embed(batch.modality, p, self._shift(batch.modality, p, generator))
+        seen = self._word_dropout(batch.modality, p, generator)
+        x, coords = self.tokenizers.embed(batch.modality, seen, self._shift(batch.modality, p, generator))
         return p, x, coords
+
+    def _word_dropout(self, modality: str, p: Patches, generator: torch.Generator | None) -> Patches:
+        """In training, each word (not the special ids) becomes ``[UNK]`` with probability
+        ``model.text_unk``, so that an unseen word at test time, which the tokenizer maps to ``[UNK]``,
+        is something the network has learned to read past (word dropout, Iyyer et al. 2015). The draw
+        comes from ``generator`` like :meth:`_shift`'s; signals, eval and ``text_unk=0`` are untouched."""
+        rate = self.config.model.text_unk
+        if not (self.training and rate and self.patchers[modality].discrete):
+            return p
+        hide = torch.rand(p.values.shape, generator=generator).to(p.values.device) < rate
+        hide &= p.values >= len(SPECIAL_TOKENS)
+        return replace(p, values=p.values.masked_fill(hide, UNK_ID))
 
     def _shift(self, modality: str, p: Patches, generator: torch.Generator | None) -> Tensor | None:
         """In training, a random start in [0, model.text_shift] per phrase, drawn on the CPU from

@@ -279,7 +279,7 @@ class AudioPatcher(Patcher):
 
 
 class TextPatcher(Patcher):
-    """(B, N) BPE ids + lengths -> the ids themselves, one token each, 1-D coordinates."""
+    """(B, N) token ids (words or BPE sub-words) + lengths -> the ids themselves, one token each, 1-D coordinates."""
 
     discrete = True
 
@@ -291,7 +291,7 @@ class TextPatcher(Patcher):
         self.random_ids = (len(SPECIAL_TOKENS), cfg.text_vocab_size)  # BERT's random replacements
 
     def describe(self) -> str:
-        return f"up to {self.max_tokens} BPE sub-words, 1-D positions, padding mask"
+        return f"up to {self.max_tokens} word or sub-word ids, 1-D positions, padding mask"
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Patches:
         if x.ndim != 2 or x.dtype != torch.long:
