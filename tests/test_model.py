@@ -161,6 +161,33 @@ def test_masked_outputs_line_up_with_the_input_tokens(key):
     assert out.mask.sum() > 0 and torch.isfinite(out.loss) and torch.isfinite(out.pred).all()
 
 
+def test_masked_lm_scores_kept_tokens_at_the_visible_weight():
+    """train.mlm_visible_weight=w: the text loss averages cross-entropy over masked tokens (weight 1) and
+    kept valid tokens (weight w), never padding; w=0 is BERT's masked-only loss; signals ignore w."""
+    model = model_for("tiny")
+    b = batch("text/digit", 6)
+    valid = (~model.patchers["text"](b.x, b.lengths).padding).float()
+    assert (valid == 0).any()  # some rows are padded
+    losses = {}
+    with torch.no_grad():
+        for w in (0.0, 0.5):
+            out = model.forward_masked(b, 0.3, generator=torch.Generator().manual_seed(1), visible_weight=w)
+            ce = torch.nn.functional.cross_entropy(
+                out.pred.flatten(0, 1), out.target.flatten(), reduction="none"
+            )
+            weight = out.mask + w * valid * (1 - out.mask)
+            torch.testing.assert_close(out.loss, (ce.view_as(weight) * weight).sum() / weight.sum())
+            losses[w] = out.loss
+        image = batch("image/digit", 3)
+        a, c = (
+            model.forward_masked(
+                image, 0.75, generator=torch.Generator().manual_seed(0), visible_weight=w
+            ).loss
+            for w in (0.0, 1.0)
+        )
+    assert not torch.equal(losses[0.0], losses[0.5]) and torch.equal(a, c)
+
+
 def test_kept_padding_slots_cannot_leak_removed_tokens():
     """Variable-length rows keep different counts; the extra kept slots hold removed tokens, which
     neither f (key padding) nor the decoder (mask token overwrite) may read."""

@@ -63,7 +63,7 @@ from workbench.model.tokenizers import SpecificTokenizers, UnifiedTokenizer
 class MaskedOutput:
     """One stream's masked-prediction result."""
 
-    loss: Tensor  # scalar: L2 to normalised patches, or cross-entropy over ids, on the removed tokens only
+    loss: Tensor  # scalar: L2 to normalised patches, or cross-entropy over ids (removed tokens; text: see _masked_output)
     pred: Tensor  # (B, N, P) predicted patches, or (B, N, V) logits
     target: Tensor  # (B, N, P) per-patch normalised patches, or (B, N) ids
     mask: Tensor  # (B, N) float, 0 keep, 1 remove (= predicted and scored); padding is 0
@@ -390,26 +390,46 @@ class OmniVec2(nn.Module):
         kept_padding = m.kept_padding if m.kept_padding.any() else None
         return _Visible(kept, kept_padding, coords, m, m.mask, p, target)
 
-    def _masked_output(self, modality: str, pred: Tensor, v: _Visible) -> MaskedOutput:
+    def _masked_output(
+        self, modality: str, pred: Tensor, v: _Visible, visible_weight: float = 0.0
+    ) -> MaskedOutput:
+        """The reconstruction loss: mean over the predicted (masked) tokens. For discrete inputs
+        ``visible_weight`` > 0 also scores the uncorrupted valid tokens, each at that weight relative
+        to a masked one (``train.mlm_visible_weight``)."""
+        weight = v.mask
         if self.patchers[modality].discrete:
             per_token = F.cross_entropy(pred.float().flatten(0, 1), v.target.flatten(), reduction="none")
             per_token = per_token.view_as(v.mask)  # (B, N)
+            if visible_weight:
+                valid = 1.0 if v.patches.padding is None else (~v.patches.padding).to(v.mask.dtype)
+                weight = v.mask + visible_weight * valid * (1 - v.mask)
         else:
             per_token = (pred.float() - v.target).pow(2).mean(-1)  # (B, N) L2 per patch
-        loss = (per_token * v.mask).sum() / v.mask.sum().clamp(min=1)
+        loss = (per_token * weight).sum() / weight.sum().clamp(min=1)
         return MaskedOutput(loss, pred, v.target, v.mask, modality)
 
     def forward_masked(
-        self, batch: Batch, mask_ratio: float, generator: torch.Generator | None = None
+        self,
+        batch: Batch,
+        mask_ratio: float,
+        generator: torch.Generator | None = None,
+        visible_weight: float = 0.0,
     ) -> MaskedOutput:
-        """Stage 1: encode the visible tokens with f; ``decoders1[modality]`` predicts the removed ones."""
+        """Stage 1: encode the visible tokens with f; ``decoders1[modality]`` predicts the removed ones
+        (and, for text with ``visible_weight`` > 0, the kept ones too: see :meth:`_masked_output`)."""
         v = self._visible(batch, mask_ratio, generator)
         z = self.f(v.x, v.padding)  # (B, K, w)
         pred = self.decoders1[batch.modality](z, v.coords, v.patches.padding, v.masked)  # (B, N, P | V)
-        return self._masked_output(batch.modality, pred, v)
+        return self._masked_output(batch.modality, pred, v, visible_weight)
 
     def forward_masked_pair(
-        self, a: Batch, b: Batch, ratio_a: float, ratio_b: float, generator: torch.Generator | None = None
+        self,
+        a: Batch,
+        b: Batch,
+        ratio_a: float,
+        ratio_b: float,
+        generator: torch.Generator | None = None,
+        visible_weight: float = 0.0,
     ) -> tuple[MaskedOutput, MaskedOutput]:
         """Stage 2: mask both streams, run f, A, g, A-back on the visible tokens; ``decoders2`` predict."""
         va = self._visible(a, ratio_a, generator)
@@ -419,7 +439,10 @@ class OmniVec2(nn.Module):
             pred_a = self.decoders2[a.modality](oa, va.coords, va.patches.padding, va.masked)
         with self._stream("j"):
             pred_b = self.decoders2[b.modality](ob, vb.coords, vb.patches.padding, vb.masked)
-        return self._masked_output(a.modality, pred_a, va), self._masked_output(b.modality, pred_b, vb)
+        return (
+            self._masked_output(a.modality, pred_a, va, visible_weight),
+            self._masked_output(b.modality, pred_b, vb, visible_weight),
+        )
 
     def task_loss(self, task_key: str, pred: Tensor, y: Tensor) -> Tensor:
         """Cross-entropy for classification, mean squared error (per-pixel L2) for dense tasks."""

@@ -119,6 +119,7 @@ class UnimodalMasked(Objective):
     def __init__(self, model: nn.Module, cfg: Config, tasks: Sequence[TaskSpec]):
         super().__init__(model, cfg, tasks)
         self.mask_ratio = dict(cfg.train.mask_ratio)
+        self.visible_weight = cfg.train.mlm_visible_weight
 
     def plan(self, step: int, micro: int = 0) -> list[str]:
         m = self.modalities[(step * self.grad_accum + micro) % len(self.modalities)]
@@ -127,7 +128,10 @@ class UnimodalMasked(Objective):
     def forward(self, batches: list[Batch], step: int, micro: int = 0):
         (batch,) = batches
         out = self.model.forward_masked(
-            batch, self.mask_ratio[batch.modality], generator=self._generator(step, micro)
+            batch,
+            self.mask_ratio[batch.modality],
+            generator=self._generator(step, micro),
+            visible_weight=self.visible_weight,
         )
         return self._with_moe_aux(out.loss, {f"{batch.modality}/masked": out.loss.detach()})
 
@@ -143,6 +147,7 @@ class PairwiseMasked(Objective):
     def __init__(self, model: nn.Module, cfg: Config, tasks: Sequence[TaskSpec]):
         super().__init__(model, cfg, tasks)
         self.mask_ratio = dict(cfg.train.mask_ratio)
+        self.visible_weight = cfg.train.mlm_visible_weight
 
     def stream_batch_size(self) -> int:
         return max(1, self.batch_size // 2)
@@ -158,6 +163,7 @@ class PairwiseMasked(Objective):
             self.mask_ratio[a.modality],
             self.mask_ratio[b.modality],
             generator=self._generator(step, micro),
+            visible_weight=self.visible_weight,
         )
         parts = _average([(f"{a.modality}/masked", out_a.loss), (f"{b.modality}/masked", out_b.loss)])
         return self._with_moe_aux(out_a.loss + out_b.loss, {k: v.detach() for k, v in parts.items()})
