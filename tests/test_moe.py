@@ -229,7 +229,10 @@ def test_dense_path_matches_the_code_before_moe_existed():
 
 
 def test_a_dense_objective_adds_nothing_and_logs_no_moe_part():
-    cfg = load_config(overrides=["model.preset=tiny", "train.stage=3", "data.modalities=[image]"])
+    overrides = ["model.preset=tiny", "train.stage=3", "data.modalities=[image]", "train.single_stream=0"]
+    cfg = load_config(
+        overrides=overrides
+    )  # single_stream=0: every update runs the pair forward compared below
     tasks = default_tasks(["image"])
     torch.manual_seed(0)
     model = build_model(cfg, tasks)

@@ -154,7 +154,7 @@ def _weights(run_dir):
     return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("options", [(), ("train.single_stream=0.5", "train.layer_decay=0.75")])
+@pytest.mark.parametrize("options", [(), ("train.single_stream=0", "train.layer_decay=0.75")])
 def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path, options):
     cfg = _cfg(3, "train.steps=12", "train.checkpoint_every=4", "train.balance_window=3", *options)
     full = train(cfg, tmp_path / "full")
