@@ -104,10 +104,7 @@ def load_deepsense_data(cfg: Config, task: str = "digit") -> DeepSenseData:
     if any(bench.dataset(m, task, "train").input_kind == "strings" for m in modalities):
         from workbench.model.text_tokenizer import TextTokenizer
 
-        m = cfg.model
-        tokenizer = TextTokenizer.train(
-            bench.text_corpus("train"), m.text_vocab_size, m.max_text_tokens, m.text_vocab
-        )
+        tokenizer = TextTokenizer.for_model(bench.text_corpus("train"), cfg.model)
     return DeepSenseData(bench, pairs, tokenizer, task)
 
 

@@ -266,10 +266,7 @@ def load_fusion_data(cfg: Config, pair: Sequence[str] | None = None, task: str =
     if any(bench.dataset(t.modality, t.name, "train").input_kind == "strings" for t in tasks):
         from workbench.model.text_tokenizer import TextTokenizer
 
-        m = cfg.model
-        tokenizer = TextTokenizer.train(
-            bench.text_corpus("train"), m.text_vocab_size, m.max_text_tokens, m.text_vocab
-        )
+        tokenizer = TextTokenizer.for_model(bench.text_corpus("train"), cfg.model)
     return FusionData(bench, tasks, tokenizer)
 
 

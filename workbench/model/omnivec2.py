@@ -179,6 +179,7 @@ class OmniVec2(nn.Module):
         else:
             self.tokenizers = SpecificTokenizers(dict(self.patchers), cfg.dim, cfg.text_vocab_size, cfg.stem)
         self.text_shift = cfg.text_shift
+        self.text_unk = cfg.text_unk
         self.f = FeatureTransform(cfg)
         self.A = Fusion(cfg) if cfg.fusion == "hybrid" else None
         self.g = Transformer("g", w, cfg.depth_g, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.drop_path)
@@ -256,7 +257,8 @@ class OmniVec2(nn.Module):
         self, batch: Batch, generator: torch.Generator | None = None
     ) -> tuple[Patches, Tensor, Tensor]:
         """-> patches, tokens (B, N, dim) with positions, token coordinates (N, k). ``generator`` draws
-        the training-time text position offsets (``model.text_shift``); None: the global generator."""
+        the training-time text noise (``model.text_unk`` word dropout, ``model.text_shift`` position
+        offsets); None: the global generator."""
         if batch.modality not in self.patchers:
             raise ConfigError(f"the model has no tokenizer for {batch.modality!r}; it has {self.modalities}")
         p = self.patchers[batch.modality](batch.x, batch.lengths)
@@ -269,10 +271,9 @@ class OmniVec2(nn.Module):
         ``model.text_unk``, so that an unseen word at test time, which the tokenizer maps to ``[UNK]``,
         is something the network has learned to read past (word dropout, Iyyer et al. 2015). The draw
         comes from ``generator`` like :meth:`_shift`'s; signals, eval and ``text_unk=0`` are untouched."""
-        rate = self.config.model.text_unk
-        if not (self.training and rate and self.patchers[modality].discrete):
+        if not (self.training and self.text_unk and self.patchers[modality].discrete):
             return p
-        hide = torch.rand(p.values.shape, generator=generator).to(p.values.device) < rate
+        hide = torch.rand(p.values.shape, generator=generator).to(p.values.device) < self.text_unk
         hide &= p.values >= len(SPECIAL_TOKENS)
         return replace(p, values=p.values.masked_fill(hide, UNK_ID))
 
@@ -344,7 +345,7 @@ class OmniVec2(nn.Module):
         self, batch: Batch, tasks: Sequence[str] | None = None, generator: torch.Generator | None = None
     ) -> dict[str, Tensor]:
         """h(g(f(x))) for each task of the batch's modality: ``{task name: (B, C) logits | (B, *shape)}``.
-        ``generator``: training-time noise (text position offsets), as in :meth:`tokenize`."""
+        ``generator``: training-time text noise, as in :meth:`tokenize`."""
         keys = self.task_keys(batch.modality, tasks)
         p, x, coords = self.tokenize(batch, generator)
         z = self.g(self.f(x, p.padding), p.padding)  # (B, N, w)

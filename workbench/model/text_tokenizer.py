@@ -65,6 +65,11 @@ class TextTokenizer:
         tok.train_from_iterator(list(texts), trainer=trainer)
         return cls(tok, max_tokens)
 
+    @classmethod
+    def for_model(cls, texts: Iterable[str], model_cfg) -> TextTokenizer:
+        """The tokenizer ``model_cfg`` (a ``ModelConfig``) asks for, trained on ``texts``."""
+        return cls.train(texts, model_cfg.text_vocab_size, model_cfg.max_text_tokens, model_cfg.text_vocab)
+
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()

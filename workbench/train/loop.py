@@ -245,9 +245,7 @@ def train(
         if accelerator.is_main_process and not (shared / "tokenizer.json").is_file():
             shared.mkdir(parents=True, exist_ok=True)
             corpus = bench.text_corpus("train")
-            TextTokenizer.train(
-                corpus, cfg.model.text_vocab_size, cfg.model.max_text_tokens, cfg.model.text_vocab
-            ).save(shared)
+            TextTokenizer.for_model(corpus, cfg.model).save(shared)
         accelerator.wait_for_everyone()
         tokenizer = TextTokenizer.load(shared, cfg.model.max_text_tokens)
     model = build_model(cfg, bench.tasks)

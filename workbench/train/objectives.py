@@ -108,18 +108,23 @@ class Objective(nn.Module):
         pass
 
 
-class UnimodalMasked(Objective):
+class _Masked(Objective):
+    """Set-up shared by the masked pre-training stages: per-modality mask ratios and the weight of
+    the kept text tokens in the masked-LM loss."""
+
+    def __init__(self, model: nn.Module, cfg: Config, tasks: Sequence[TaskSpec]):
+        super().__init__(model, cfg, tasks)
+        self.mask_ratio = dict(cfg.train.mask_ratio)
+        self.visible_weight = cfg.train.mlm_visible_weight
+
+
+class UnimodalMasked(_Masked):
     """Stage 1: MAE-style masked prediction, one modality per step, all through ONE shared f.
 
     Modalities take turns (step mod M) so each sees the same number of updates.
     """
 
     stage = 1
-
-    def __init__(self, model: nn.Module, cfg: Config, tasks: Sequence[TaskSpec]):
-        super().__init__(model, cfg, tasks)
-        self.mask_ratio = dict(cfg.train.mask_ratio)
-        self.visible_weight = cfg.train.mlm_visible_weight
 
     def plan(self, step: int, micro: int = 0) -> list[str]:
         m = self.modalities[(step * self.grad_accum + micro) % len(self.modalities)]
@@ -136,18 +141,13 @@ class UnimodalMasked(Objective):
         return self._with_moe_aux(out.loss, {f"{batch.modality}/masked": out.loss.detach()})
 
 
-class PairwiseMasked(Objective):
+class PairwiseMasked(_Masked):
     """Stage 2: two modalities at random, both masked, through f, A, g, A-back and per-modality decoders.
 
     Unpaired by default (the two batches show unrelated samples), no task balancing.
     """
 
     stage = 2
-
-    def __init__(self, model: nn.Module, cfg: Config, tasks: Sequence[TaskSpec]):
-        super().__init__(model, cfg, tasks)
-        self.mask_ratio = dict(cfg.train.mask_ratio)
-        self.visible_weight = cfg.train.mlm_visible_weight
 
     def stream_batch_size(self) -> int:
         return max(1, self.batch_size // 2)
@@ -209,7 +209,7 @@ class MultitaskSupervised(Objective):
 
     def forward(self, batches: list[Batch], step: int, micro: int = 0):
         a, b = batches
-        g = self._generator(step, micro)  # training-time noise (text offsets): replayed on resume
+        g = self._generator(step, micro)  # training-time text noise: replayed on resume
         if self.single_stream(step, micro):
             pred_a = self.model.forward_single(a, tasks=[a.task], generator=g)[a.task]
             pred_b = self.model.forward_single(b, tasks=[b.task], generator=g)[b.task]
@@ -265,8 +265,8 @@ class AlternatingSupervised(MultitaskSupervised):
     def forward(self, batches: list[Batch], step: int, micro: int = 0):
         (batch,) = batches
         batch, _ = self.at_resolution(batch, step, micro)
-        pred = self.model.forward_single(batch, tasks=[batch.task], generator=self._generator(step, micro))
-        pred = pred[batch.task]
+        g = self._generator(step, micro)  # training-time text noise: replayed on resume
+        pred = self.model.forward_single(batch, tasks=[batch.task], generator=g)[batch.task]
         losses = {batch.key: self.model.task_loss(batch.key, pred, batch.y)}
         return self._with_moe_aux(self.balancer(losses), {k: v.detach() for k, v in losses.items()})
 
