@@ -732,3 +732,26 @@ def test_word_dropout_hides_words_behind_unk_in_training_only():
     words = p.values >= len(SPECIAL_TOKENS)
     share = changed.sum().item() / words.sum().item()
     assert 0.2 < share < 0.4, share  # ~0.3 of ~600 words
+
+
+def test_zero_fusion_starts_cross_attention_as_the_identity_and_still_learns():
+    from workbench.modalities import default_tasks
+    from workbench.model.synthetic import synthetic_batch
+
+    torch.manual_seed(0)
+    model = model_for("tiny", "model.zero_fusion=true", tasks=TASKS)  # a fresh copy: this test trains it
+    w = model.config.model.fc_dims[-1]
+    x, ctx = torch.randn(2, 5, w), torch.randn(2, 7, w)
+    assert torch.equal(model.A.fuse(x, ctx), x)  # u_i = f_i + 0
+    assert torch.equal(model.A.back(x, torch.randn(2, 7, model.config.model.dim)), x)
+    assert not torch.equal(model_for("tiny").A.fuse(x, ctx), x)  # the default init mixes from the start
+    tasks = {t.key: t for t in default_tasks()}
+    a, b = synthetic_batch(tasks["image/digit"], 4), synthetic_batch(tasks["audio/digit"], 4, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # step 1 moves the zeroed projections, step 2 then reaches q, k and v behind them
+        opt.zero_grad()
+        pa, pb = model.forward_pair(a, b)
+        (model.task_loss("image/digit", pa, a.y) + model.task_loss("audio/digit", pb, b.y)).backward()
+        opt.step()
+    for name, p in model.A.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

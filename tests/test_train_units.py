@@ -253,3 +253,39 @@ def test_layer_decay_outside_zero_to_one_is_a_config_error():
     for bad in ("0", "1.5", "-0.5"):
         with pytest.raises(ConfigError, match=r"train\.layer_decay=.* is outside"):
             load_config(overrides=[f"train.layer_decay={bad}"])
+
+
+def test_task_sampling_weights_shift_the_plan_and_are_replayable():
+    from workbench.config import load_config
+    from workbench.errors import ConfigError
+    from workbench.modalities import default_tasks
+    from workbench.model import build_model
+    from workbench.train.objectives import AlternatingSupervised, MultitaskSupervised
+
+    tasks = default_tasks()
+    weights = "train.task_sampling={text/digit: 3, video/motion: 0}"
+
+    def objective(*overrides, cls=MultitaskSupervised):
+        cfg = load_config(overrides=["model.preset=tiny", *overrides])
+        return cls(build_model(cfg, tasks), cfg, tasks)
+
+    uniform, weighted = objective(), objective(weights)
+    plans = [weighted.plan(s) for s in range(3000)]
+    assert plans[:100] == [weighted.plan(s) for s in range(100)]  # a pure function of the step: resumable
+    assert all(a.split("/")[0] != b.split("/")[0] for a, b in plans)  # still two different modalities
+    share = lambda ps, key: sum(key in p for p in ps) / len(ps)  # noqa: E731
+    base = [uniform.plan(s) for s in range(3000)]
+    assert share(plans, "video/motion") == 0.0 < share(base, "video/motion")
+    assert share(plans, "text/digit") > 1.6 * share(base, "text/digit")  # 0.25 -> ~0.5 of the updates
+    # all-equal weights are the uniform sampling, draw for draw (older runs replay unchanged)
+    same = objective("train.task_sampling={text/digit: 2, text/language: 2, image/digit: 2, image/denoise: 2, "
+                     "audio/digit: 2, audio/language: 2, video/digit: 2, video/motion: 2}")  # fmt: skip
+    assert [same.plan(s) for s in range(200)] == base[:200]
+    alternating = objective(weights, "train.schedule=alternating", cls=AlternatingSupervised)
+    drawn = [alternating.plan(s)[0] for s in range(2000)]
+    assert "video/motion" not in drawn and 0.3 < drawn.count("text/digit") / len(drawn) < 0.4  # 3 / 9
+    with pytest.raises(ConfigError, match="txt/digit"):
+        objective("train.task_sampling={txt/digit: 3}")
+    with pytest.raises(ConfigError, match="two modalities"):
+        objective("train.task_sampling={image/digit: 0, image/denoise: 0, audio/digit: 0, audio/language: 0, "
+                  "video/digit: 0, video/motion: 0}")  # fmt: skip

@@ -118,6 +118,7 @@ class ModelConfig:
     decoder_heads: int = 3  # attention heads in each decoder
     stem: str = "linear"  # signals in the specific tokenizers (unified ignores it): linear | conv
     init: str = "trunc_normal"  # transformer Linear weights: trunc_normal (std 0.02, timm ViT) | xavier (MAE)
+    zero_fusion: bool = False  # zero-initialise A's output projections: fusion starts as the identity
     dropout: float = 0.0  # dropout on attention weights and MLP/projection outputs
     drop_path: float = 0.0  # stochastic depth (max rate, linear over f's and g's blocks)
     patch_size: int = 4  # image patches (pixels): 28x28 -> 7x7 = 49 tokens
@@ -337,6 +338,10 @@ class TrainConfig:
     # pure pair updates). From the default stage-2 checkpoint, seed 0, one thread: mean test accuracy of
     # the 7 classification tasks 60.0% vs 55.0% with 0, no task more than 1 point worse (README).
     single_stream: float = 0.5
+    # Stage 3: relative chance of drawing each task, by key ("text/digit"); unlisted tasks weigh 1. A
+    # modality is drawn in proportion to the sum of its tasks' weights (pairs: two different ones),
+    # then one of its tasks in proportion to its weight. Empty: uniform, the paper's sampling.
+    task_sampling: dict[str, float] = field(default_factory=dict)
     vary_resolution: bool = True  # alternating: image grid, video frames, audio length drawn per update
     dwa_temperature: float = 2.0  # T in DWA's softmax over loss-descent rates (Liu et al. 2019)
     balance_window: int = 20  # optimiser steps per DWA "epoch" (losses are averaged over a window)
@@ -359,6 +364,8 @@ class TrainConfig:
         _check_range("train.mlm_visible_weight", self.mlm_visible_weight, 0.0, 100.0)
         _check_range("train.single_stream", self.single_stream, 0.0, 1.0)
         _check_range("train.keep_checkpoints", self.keep_checkpoints, lo=1)
+        for key, w in self.task_sampling.items():
+            _check_range(f"train.task_sampling.{key}", w, lo=0.0)
         for m, r in self.mask_ratio.items():
             _check_choice("train.mask_ratio key", m, MODALITIES)
             _check_range(f"train.mask_ratio.{m}", r, 0.0, 0.99)

@@ -119,6 +119,14 @@ class Fusion(nn.Module):
         self.fuse = CrossAttention("A.0", w, cfg.heads, dropout=cfg.dropout)
         self.back = CrossAttention("A.1", w, cfg.heads, kv_dim=cfg.dim, dropout=cfg.dropout)
 
+    def zero_outputs(self) -> None:
+        """Zero both output projections (``model.zero_fusion``): each residual cross-attention then starts
+        as the identity, as Flamingo's tanh gates at 0 and ControlNet's zero convolutions do, so a
+        freshly built A passes every stream through unchanged and only learns to mix them."""
+        for ca in (self.fuse, self.back):
+            nn.init.zeros_(ca.attn.proj.weight)
+            nn.init.zeros_(ca.attn.proj.bias)
+
 
 def _cat_padding(pa: Tensor | None, pb: Tensor | None, na: int, nb: int, B: int, device) -> Tensor | None:
     if pa is None and pb is None:
@@ -198,6 +206,8 @@ class OmniVec2(nn.Module):
             setattr(self, f"decoders{stage}", nn.ModuleDict(decoders))
         self.apply(lambda m: _init_weights(m, cfg.init))
         self.f.reset_fc()
+        if self.A is not None and cfg.zero_fusion:
+            self.A.zero_outputs()
         self.tokenizers.reset_parameters()  # unit-gain token content (see tokenizers.py)
         apply_moe(self)  # IMP: the blocks model.moe_* names become mixture-of-experts (no-op when dense)
         self.text_tokenizer = None

@@ -25,6 +25,7 @@ from torch import nn
 
 from workbench.batch import Batch
 from workbench.config import Config
+from workbench.errors import ConfigError
 from workbench.modalities import TaskSpec
 from workbench.model.moe import apply_moe, collect_aux
 from workbench.train.balance import TaskBalancer
@@ -169,6 +170,25 @@ class PairwiseMasked(_Masked):
         return self._with_moe_aux(out_a.loss + out_b.loss, {k: v.detach() for k, v in parts.items()})
 
 
+def task_sampling(weights: dict[str, float], keys: Sequence[str]) -> dict[str, float] | None:
+    """``train.task_sampling`` checked against the run's tasks: a weight for every key, or None when
+    every task weighs the same (uniform sampling)."""
+    unknown = sorted(set(weights) - set(keys))
+    if unknown:
+        raise ConfigError(
+            f"train.task_sampling names {unknown}, which this run does not train; its tasks are {list(keys)}"
+        )
+    out = {k: float(weights.get(k, 1.0)) for k in keys}
+    if len(set(out.values())) == 1:
+        return None
+    by_modality: dict[str, float] = {}
+    for k, w in out.items():
+        by_modality[k.split("/")[0]] = by_modality.get(k.split("/")[0], 0.0) + w
+    if sum(1 for w in by_modality.values() if w > 0) < min(2, len(by_modality)):
+        raise ConfigError("train.task_sampling gives weight to fewer than two modalities; a pair needs two")
+    return out
+
+
 class MultitaskSupervised(Objective):
     """Stage 3: a random modality pair, one random task each, half the batch from each; the sum of the
     two task losses, each scaled by the task balancer (DWA by default).
@@ -188,16 +208,30 @@ class MultitaskSupervised(Objective):
             [s.key for s in self.tasks], t.balancer, t.dwa_temperature, t.balance_window
         )
         self.single_stream_share = t.single_stream
+        self.by_modality = {m: [s.key for s in self.tasks if s.modality == m] for m in self.modalities}
+        self.sampling = task_sampling(t.task_sampling, [s.key for s in self.tasks])
 
     def stream_batch_size(self) -> int:
         return max(1, self.batch_size // 2)
 
     def plan(self, step: int, micro: int = 0) -> list[str]:
         rng = self._rng(step, micro)
+        if self.sampling is None:  # uniform: the draws every run made before weights existed
+            keys = []
+            for m in self._pair(rng):
+                options = [t.key for t in self.tasks if t.modality == m]
+                keys.append(options[int(rng.integers(len(options)))])
+            return keys
+        mod_w = np.array([sum(self.sampling[k] for k in self.by_modality[m]) for m in self.modalities])
+        if len(self.modalities) == 1:
+            pair = self.modalities * 2
+        else:
+            chosen = rng.choice(len(self.modalities), size=2, replace=False, p=mod_w / mod_w.sum())
+            pair = [self.modalities[i] for i in chosen]
         keys = []
-        for m in self._pair(rng):
-            options = [t.key for t in self.tasks if t.modality == m]
-            keys.append(options[int(rng.integers(len(options)))])
+        for m in pair:
+            w = np.array([self.sampling[k] for k in self.by_modality[m]])
+            keys.append(self.by_modality[m][int(rng.choice(len(w), p=w / w.sum()))])
         return keys
 
     def single_stream(self, step: int, micro: int = 0) -> bool:
@@ -251,6 +285,9 @@ class AlternatingSupervised(MultitaskSupervised):
 
     def plan(self, step: int, micro: int = 0) -> list[str]:
         rng = self._rng(step, micro)
+        if self.sampling is not None:  # a modality by its tasks' summed weight, then a task: one draw
+            w = np.array(list(self.sampling.values()))
+            return [list(self.sampling)[int(rng.choice(len(w), p=w / w.sum()))]]
         m = self.modalities[int(rng.integers(len(self.modalities)))]
         options = [t.key for t in self.tasks if t.modality == m]
         return [options[int(rng.integers(len(options)))]]
