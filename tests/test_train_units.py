@@ -269,7 +269,8 @@ def test_task_sampling_weights_shift_the_plan_and_are_replayable():
         cfg = load_config(overrides=["model.preset=tiny", *overrides])
         return cls(build_model(cfg, tasks), cfg, tasks)
 
-    uniform, weighted = objective(), objective(weights)
+    uniform = objective("train.task_sampling={text/digit: 1, text/language: 1}")
+    weighted = objective(weights, "train.task_sampling.text/language=1")  # merged over the default
     plans = [weighted.plan(s) for s in range(3000)]
     assert plans[:100] == [weighted.plan(s) for s in range(100)]  # a pure function of the step: resumable
     assert all(a.split("/")[0] != b.split("/")[0] for a, b in plans)  # still two different modalities
@@ -283,7 +284,11 @@ def test_task_sampling_weights_shift_the_plan_and_are_replayable():
     assert [same.plan(s) for s in range(200)] == base[:200]
     alternating = objective(weights, "train.schedule=alternating", cls=AlternatingSupervised)
     drawn = [alternating.plan(s)[0] for s in range(2000)]
-    assert "video/motion" not in drawn and 0.3 < drawn.count("text/digit") / len(drawn) < 0.4  # 3 / 9
+    assert "video/motion" not in drawn and 0.3 < drawn.count("text/digit") / len(drawn) < 0.4  # 3 / 8.5
+    image_audio = [t for t in tasks if t.modality in ("image", "audio")]
+    cfg = load_config(overrides=["model.preset=tiny", weights])  # names text and video tasks: ignored here
+    assert cfg.train.task_sampling == {"text/digit": 3, "text/language": 0.5, "video/motion": 0}
+    assert MultitaskSupervised(build_model(cfg, image_audio), cfg, image_audio).sampling is None
     with pytest.raises(ConfigError, match="txt/digit"):
         objective("train.task_sampling={txt/digit: 3}")
     with pytest.raises(ConfigError, match="two modalities"):

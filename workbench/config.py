@@ -340,8 +340,11 @@ class TrainConfig:
     single_stream: float = 0.5
     # Stage 3: relative chance of drawing each task, by key ("text/digit"); unlisted tasks weigh 1. A
     # modality is drawn in proportion to the sum of its tasks' weights (pairs: two different ones),
-    # then one of its tasks in proportion to its weight. Empty: uniform, the paper's sampling.
-    task_sampling: dict[str, float] = field(default_factory=dict)
+    # then one of its tasks in proportion to its weight; keys of tasks a run lacks are ignored. The
+    # default moves text's draws from language (solved early) to digit (the slowest task): from the
+    # default stage-2 checkpoint, seed 0, one thread, text/digit test 32.2% vs 18.5% uniform, mean of
+    # the 7 classification tasks 62.2% vs 60.0% (README). All weights 1: uniform, the paper's sampling.
+    task_sampling: dict[str, float] = field(default_factory=lambda: {"text/digit": 2.0, "text/language": 0.5})
     vary_resolution: bool = True  # alternating: image grid, video frames, audio length drawn per update
     dwa_temperature: float = 2.0  # T in DWA's softmax over loss-descent rates (Liu et al. 2019)
     balance_window: int = 20  # optimiser steps per DWA "epoch" (losses are averaged over a window)

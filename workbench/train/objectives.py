@@ -26,7 +26,7 @@ from torch import nn
 from workbench.batch import Batch
 from workbench.config import Config
 from workbench.errors import ConfigError
-from workbench.modalities import TaskSpec
+from workbench.modalities import TaskSpec, default_tasks
 from workbench.model.moe import apply_moe, collect_aux
 from workbench.train.balance import TaskBalancer
 from workbench.train.resolution import vary_resolution
@@ -172,11 +172,14 @@ class PairwiseMasked(_Masked):
 
 def task_sampling(weights: dict[str, float], keys: Sequence[str]) -> dict[str, float] | None:
     """``train.task_sampling`` checked against the run's tasks: a weight for every key, or None when
-    every task weighs the same (uniform sampling)."""
-    unknown = sorted(set(weights) - set(keys))
+    every task weighs the same (uniform sampling). A key naming a benchmark task this run does not train
+    (text/digit in an image-only run) is ignored, so one config serves any ``data.modalities``; a key
+    naming no task at all is a typo and refused."""
+    known = set(keys) | {t.key for t in default_tasks()}
+    unknown = sorted(set(weights) - known)
     if unknown:
         raise ConfigError(
-            f"train.task_sampling names {unknown}, which this run does not train; its tasks are {list(keys)}"
+            f"train.task_sampling names {unknown}, which is no task; this run trains {list(keys)}"
         )
     out = {k: float(weights.get(k, 1.0)) for k in keys}
     if len(set(out.values())) == 1:
@@ -190,8 +193,9 @@ def task_sampling(weights: dict[str, float], keys: Sequence[str]) -> dict[str, f
 
 
 class MultitaskSupervised(Objective):
-    """Stage 3: a random modality pair, one random task each, half the batch from each; the sum of the
-    two task losses, each scaled by the task balancer (DWA by default).
+    """Stage 3: a random modality pair, one random task each (drawn by ``train.task_sampling``), half
+    the batch from each; the sum of the two task losses, each scaled by the task balancer (DWA by
+    default).
 
     The two-stream forward feeds each head ``A(x_hat_ij, x_i)``, but inference is single-stream
     (``h(g(f(x)))``, METHOD.md section 1), a path pure pair updates never train. With
