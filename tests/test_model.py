@@ -285,6 +285,17 @@ def test_conv_stem_tokens_see_across_patch_borders_and_keep_the_grid():
         assert torch.equal(changed, expect.expand(2, 7, 7)), stem
 
 
+def test_stem_modalities_choose_which_signals_get_the_conv_stem():
+    from workbench.model.tokenizers import ConvStem
+
+    model = model_for("tiny", "model.stem=conv", "model.stem_modalities=[image]")
+    kinds = {m: type(p).__name__ for m, p in model.tokenizers.items()}
+    assert kinds == {"image": "ConvStem", "audio": "Linear", "text": "Embedding", "video": "Linear"}
+    assert isinstance(model_for("tiny", "model.stem=conv").tokenizers["video"], ConvStem)
+    with pytest.raises(ConfigError, match="stem_modalities"):
+        load_config(overrides=["model.stem_modalities=[text]"])
+
+
 def test_conv_stem_needs_power_of_two_patches():
     cfg = load_config(overrides=["model.preset=tiny", "model.stem=conv", "model.patch_size=7"])
     with pytest.raises(ConfigError, match="powers of two"):

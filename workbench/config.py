@@ -117,6 +117,9 @@ class ModelConfig:
     decoder_depth: int = 1  # transformer blocks in each decoder
     decoder_heads: int = 3  # attention heads in each decoder
     stem: str = "linear"  # signals in the specific tokenizers (unified ignores it): linear | conv
+    stem_modalities: list[str] = field(
+        default_factory=lambda: ["image", "audio", "video"]
+    )  # the signals model.stem=conv applies to; the others keep the linear patch projection
     init: str = "trunc_normal"  # transformer Linear weights: trunc_normal (std 0.02, timm ViT) | xavier (MAE)
     zero_fusion: bool = False  # zero-initialise A's output projections: fusion starts as the identity
     dropout: float = 0.0  # dropout on attention weights and MLP/projection outputs
@@ -159,6 +162,8 @@ class ModelConfig:
         _check_choice("model.fusion", self.fusion, ("hybrid", "early", "late"))
         _check_choice("model.head_pool", self.head_pool, ("mean", "cls"))
         _check_choice("model.init", self.init, ("xavier", "trunc_normal"))
+        for m in self.stem_modalities:
+            _check_choice("model.stem_modalities entry", m, ("image", "audio", "video"))
         _check_choice("model.stem", self.stem, ("linear", "conv"))
         _check_range("model.moe_experts", self.moe_experts, lo=0)
         _check_range("model.moe_every", self.moe_every, lo=1)

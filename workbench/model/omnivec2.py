@@ -185,7 +185,9 @@ class OmniVec2(nn.Module):
         if cfg.tokenizer == "unified":
             self.tokenizers = UnifiedTokenizer(dict(self.patchers), cfg.dim, cfg.text_vocab_size)
         else:
-            self.tokenizers = SpecificTokenizers(dict(self.patchers), cfg.dim, cfg.text_vocab_size, cfg.stem)
+            self.tokenizers = SpecificTokenizers(
+                dict(self.patchers), cfg.dim, cfg.text_vocab_size, cfg.stem, cfg.stem_modalities
+            )
         self.text_shift = cfg.text_shift
         self.text_unk = cfg.text_unk
         self.f = FeatureTransform(cfg)

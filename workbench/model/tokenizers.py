@@ -24,7 +24,8 @@ The shared weight is one (S + V, dim) matrix with one bias, so ``x_token = [valu
 for every modality; zero padding and one-hot are never materialised (``values @ W[:P]`` and ``W[S + id]``
 compute the same product).
 
-``model.stem=conv`` replaces a signal's linear patch projection in the ``specific`` tokenizers with a
+``model.stem=conv`` replaces a signal's linear patch projection in the ``specific`` tokenizers (of the
+modalities in ``model.stem_modalities``, all three signals by default) with a
 small convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): 3x3
 stride-2 convolutions with GELU until each output cell covers one patch, then a 1x1 projection to
 ``dim``, so the token grid is unchanged. Its receptive field reaches a few pixels into neighbouring
@@ -39,6 +40,8 @@ there divides by ~0, which blew up the gradients in our runs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -109,11 +112,18 @@ def positions(coords: Tensor, dim: int, shift: Tensor | None = None) -> Tensor:
 class SpecificTokenizers(nn.ModuleDict):
     """``{modality: nn.Linear(P, dim) | ConvStem | nn.Embedding(V, dim)}`` with modality-shaped positions."""
 
-    def __init__(self, patchers: dict[str, Patcher], dim: int, vocab_size: int, stem: str = "linear"):
+    def __init__(
+        self,
+        patchers: dict[str, Patcher],
+        dim: int,
+        vocab_size: int,
+        stem: str = "linear",
+        stem_modalities: Sequence[str] = ("image", "audio", "video"),
+    ):
         def projection(m: str, p: Patcher) -> nn.Module:
             if p.discrete:
                 return nn.Embedding(vocab_size, dim)
-            if stem == "conv":
+            if stem == "conv" and m in stem_modalities:
                 return ConvStem(p.patch_shape, dim, m)
             return nn.Linear(p.patch_numel, dim)
 
