@@ -100,7 +100,7 @@ def _grads_missing(model: OmniVec2, prefixes: tuple[str, ...]) -> list[str]:
         ("tiny", ("model.tokenizer=unified", "model.task_head=unified")),
         ("tiny", ("model.task_head=autoencoder",)),
         ("tiny", ("model.tokenizer=unified",)),
-        ("tiny", ("model.stem=conv",)),
+        ("tiny", ("model.stem=conv", "model.stem_modalities=[image,audio,video]")),
     ],
 )
 def test_two_stream_training_reaches_every_parameter(preset, overrides):
@@ -251,7 +251,7 @@ def _removed_signal(model: OmniVec2, b: Batch, mask: torch.Tensor) -> torch.Tens
 def test_removed_pixels_cannot_leak_into_the_prediction(key, stem):
     """Changing only the removed tokens' pixels leaves every prediction identical, also through a
     convolutional stem whose receptive field crosses patch borders (it sees removed patches as zeros)."""
-    model = model_for("tiny", f"model.stem={stem}")
+    model = model_for("tiny", f"model.stem={stem}", "model.stem_modalities=[image,audio,video]")
     b = batch(key, 3)
     gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
     with torch.no_grad():
@@ -288,10 +288,12 @@ def test_conv_stem_tokens_see_across_patch_borders_and_keep_the_grid():
 def test_stem_modalities_choose_which_signals_get_the_conv_stem():
     from workbench.model.tokenizers import ConvStem
 
-    model = model_for("tiny", "model.stem=conv", "model.stem_modalities=[image]")
+    model = model_for("tiny", "model.stem=conv")  # images only by default
     kinds = {m: type(p).__name__ for m, p in model.tokenizers.items()}
     assert kinds == {"image": "ConvStem", "audio": "Linear", "text": "Embedding", "video": "Linear"}
-    assert isinstance(model_for("tiny", "model.stem=conv").tokenizers["video"], ConvStem)
+    every = model_for("tiny", "model.stem=conv", "model.stem_modalities=[image,audio,video]")
+    assert all(isinstance(every.tokenizers[m], ConvStem) for m in ("image", "audio", "video"))
+    assert not any(isinstance(p, ConvStem) for p in model_for("tiny").tokenizers.values())  # linear default
     with pytest.raises(ConfigError, match="stem_modalities"):
         load_config(overrides=["model.stem_modalities=[text]"])
 
@@ -342,7 +344,7 @@ def test_save_load_reproduces_outputs_exactly(tmp_path):
 
 def test_conv_stem_checkpoints_round_trip_and_older_ones_load_linear(tmp_path):
     b = batch("video/digit")
-    conv = model_for("tiny", "model.stem=conv")
+    conv = model_for("tiny", "model.stem=conv", "model.stem_modalities=[image,audio,video]")
     conv.save_pretrained(tmp_path / "conv")
     loaded = OmniVec2.from_pretrained(tmp_path / "conv")
     assert loaded.config.model.stem == "conv"
@@ -351,9 +353,19 @@ def test_conv_stem_checkpoints_round_trip_and_older_ones_load_linear(tmp_path):
     linear = model_for("tiny")
     linear.save_pretrained(tmp_path / "old")
     meta = json.loads((tmp_path / "old" / "config.json").read_text())
-    del meta["model"]["stem"]  # written before model.stem existed
+    del meta["model"]["stem"], meta["model"]["stem_modalities"]  # written before model.stem existed
     (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
     assert OmniVec2.from_pretrained(tmp_path / "old").config.model.stem == "linear"
+    every = model_for("tiny", "model.stem=conv", "model.stem_modalities=[image,audio,video]")
+    every.save_pretrained(tmp_path / "conv_all")
+    meta = json.loads((tmp_path / "conv_all" / "config.json").read_text())
+    del meta["model"]["stem_modalities"]  # a conv stem before model.stem_modalities: every signal
+    (tmp_path / "conv_all" / "config.json").write_text(json.dumps(meta))
+    assert OmniVec2.from_pretrained(tmp_path / "conv_all").config.model.stem_modalities == [
+        "image",
+        "audio",
+        "video",
+    ]
 
 
 def test_head_pool_reads_the_token_mean_or_the_cls_and_old_checkpoints_keep_cls(tmp_path):

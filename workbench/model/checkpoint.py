@@ -89,6 +89,8 @@ def read_checkpoint_config(directory: str | Path) -> tuple[Config, list[TaskSpec
         if isinstance(meta.get("model"), dict):
             meta["model"].setdefault("head_pool", "cls")  # before model.head_pool: heads read the CLS token
             meta["model"].setdefault("stem", "linear")  # before model.stem: linear patch projections
+            # before model.stem_modalities: a conv stem embedded every signal
+            meta["model"].setdefault("stem_modalities", ["image", "audio", "video"])
         config = from_dict(meta)
     except (ConfigError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path} does not match this code's config: {err}") from None

@@ -24,8 +24,8 @@ The shared weight is one (S + V, dim) matrix with one bias, so ``x_token = [valu
 for every modality; zero padding and one-hot are never materialised (``values @ W[:P]`` and ``W[S + id]``
 compute the same product).
 
-``model.stem=conv`` replaces a signal's linear patch projection in the ``specific`` tokenizers (of the
-modalities in ``model.stem_modalities``, all three signals by default) with a
+``model.stem=conv`` replaces the linear patch projection of the signals in ``model.stem_modalities``
+(images by default) in the ``specific`` tokenizers with a
 small convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): 3x3
 stride-2 convolutions with GELU until each output cell covers one patch, then a 1x1 projection to
 ``dim``, so the token grid is unchanged. Its receptive field reaches a few pixels into neighbouring
@@ -118,7 +118,7 @@ class SpecificTokenizers(nn.ModuleDict):
         dim: int,
         vocab_size: int,
         stem: str = "linear",
-        stem_modalities: Sequence[str] = ("image", "audio", "video"),
+        stem_modalities: Sequence[str] = ("image",),
     ):
         def projection(m: str, p: Patcher) -> nn.Module:
             if p.discrete:
