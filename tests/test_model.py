@@ -101,6 +101,7 @@ def _grads_missing(model: OmniVec2, prefixes: tuple[str, ...]) -> list[str]:
         ("tiny", ("model.task_head=autoencoder",)),
         ("tiny", ("model.tokenizer=unified",)),
         ("tiny", ("model.stem=conv", "model.stem_modalities=[image,audio,video]")),
+        ("tiny", ("model.stem=both",)),
     ],
 )
 def test_two_stream_training_reaches_every_parameter(preset, overrides):
@@ -246,7 +247,7 @@ def _removed_signal(model: OmniVec2, b: Batch, mask: torch.Tensor) -> torch.Tens
     return signal if b.modality == "image" else signal.transpose(1, 2)  # video: (B, T, 1, H, W)
 
 
-@pytest.mark.parametrize("stem", ["linear", "conv"])
+@pytest.mark.parametrize("stem", ["linear", "conv", "both"])
 @pytest.mark.parametrize("key", ["image/digit", "video/digit"])
 def test_removed_pixels_cannot_leak_into_the_prediction(key, stem):
     """Changing only the removed tokens' pixels leaves every prediction identical, also through a
@@ -293,9 +294,26 @@ def test_stem_modalities_choose_which_signals_get_the_conv_stem():
     assert kinds == {"image": "ConvStem", "audio": "Linear", "text": "Embedding", "video": "Linear"}
     every = model_for("tiny", "model.stem=conv", "model.stem_modalities=[image,audio,video]")
     assert all(isinstance(every.tokenizers[m], ConvStem) for m in ("image", "audio", "video"))
-    assert not any(isinstance(p, ConvStem) for p in model_for("tiny").tokenizers.values())  # linear default
+    linear = model_for("tiny", "model.stem=linear")
+    assert not any(isinstance(p, ConvStem) for p in linear.tokenizers.values())
+    default = model_for("tiny").tokenizers["image"]  # the default: stem and linear projection on images
+    assert isinstance(default, ConvStem) and default.linear is not None
+    assert not isinstance(model_for("tiny").tokenizers["audio"], ConvStem)
     with pytest.raises(ConfigError, match="stem_modalities"):
         load_config(overrides=["model.stem_modalities=[text]"])
+    both = model_for("tiny", "model.stem=both")  # the stem and the linear projection, summed
+    b = batch("image/digit", 2)
+    stem = both.tokenizers["image"]
+    with torch.no_grad():
+        patches = both.patchers["image"](b.x)
+        conv_only = (
+            stem.net(grid_to_signal(patches.values, patches.grid, stem.patch_shape))
+            .flatten(2)
+            .transpose(1, 2)
+        )
+        assert torch.allclose(
+            stem(patches.values, patches.grid), conv_only + stem.linear(patches.values), atol=1e-6
+        )
 
 
 def test_conv_stem_needs_power_of_two_patches():
@@ -350,7 +368,7 @@ def test_conv_stem_checkpoints_round_trip_and_older_ones_load_linear(tmp_path):
     assert loaded.config.model.stem == "conv"
     with torch.no_grad():
         assert torch.equal(loaded.forward_single(b)["digit"], conv.forward_single(b)["digit"])
-    linear = model_for("tiny")
+    linear = model_for("tiny", "model.stem=linear")
     linear.save_pretrained(tmp_path / "old")
     meta = json.loads((tmp_path / "old" / "config.json").read_text())
     del meta["model"]["stem"], meta["model"]["stem_modalities"]  # written before model.stem existed

@@ -15,8 +15,7 @@ def describe(model: OmniVec2) -> str:
         f"OmniVec2, preset {cfg.preset!r}: tokenizer={cfg.tokenizer}, task_head={cfg.task_head}, "
         f"fusion={cfg.fusion}",
         "",
-        f"  tokenizers  patches/ids -> {cfg.dim} wide tokens with fixed sin-cos positions"
-        + (" (signals through a conv stem)" if cfg.stem == "conv" and cfg.tokenizer == "specific" else ""),
+        f"  tokenizers  patches/ids -> {cfg.dim} wide tokens with fixed sin-cos positions" + _stem(cfg),
         f"  f           {_n(cfg.depth_f, 'pre-norm block')} x {cfg.heads} heads at {cfg.dim}, then FC "
         f"{cfg.dim}->{cfg.fc_dims[0]}->{cfg.fc_dims[1]}->{cfg.fc_dims[2]} (ReLU between)",
         f"  A           cross-attention at {w} x {cfg.heads} heads: fuse (both ways, shared) and fuse back "
@@ -51,3 +50,11 @@ def describe(model: OmniVec2) -> str:
 
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'s' if count != 1 else ''}"
+
+
+def _stem(cfg) -> str:
+    """How signals reach their tokens, when not the plain linear patch projection."""
+    if cfg.stem == "linear" or cfg.tokenizer != "specific" or not cfg.stem_modalities:
+        return ""
+    beside = " beside the linear projection" if cfg.stem == "both" else ""
+    return f" ({', '.join(cfg.stem_modalities)} through a conv stem{beside})"

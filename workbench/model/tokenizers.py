@@ -31,6 +31,9 @@ stride-2 convolutions with GELU until each output cell covers one patch, then a 
 ``dim``, so the token grid is unchanged. Its receptive field reaches a few pixels into neighbouring
 patches; masked pre-training therefore zeroes the removed patches' values *before* the stem
 (:meth:`SpecificTokenizers.mixes_patches`), so no visible token sees what it must reconstruct.
+``model.stem=both`` (the default, for images) sums the stem and the linear patch projection (each
+initialised at 1/sqrt(2) of unit scale), so a patch's pixels also reach its token linearly, as dense
+outputs (denoise) need.
 
 Initialisation keeps token content on the scale of the inputs (LeCun normal for patch projections,
 N(0, 1) embedding rows), comparable to the unit-amplitude positions; the transformer default (std 0.02)
@@ -41,6 +44,7 @@ there divides by ~0, which blew up the gradients in our runs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -60,7 +64,7 @@ class ConvStem(nn.Module):
     Works on 2-D (image, audio) and 3-D (video) grids; patch sides must be powers of two.
     """
 
-    def __init__(self, patch_shape: tuple[int, ...], dim: int, name: str = "signal"):
+    def __init__(self, patch_shape: tuple[int, ...], dim: int, name: str = "signal", linear: bool = False):
         super().__init__()
         if any(p < 1 or p & (p - 1) for p in patch_shape):
             raise ConfigError(
@@ -82,6 +86,8 @@ class ConvStem(nn.Module):
             width = out
         layers.append(conv(width, dim, 1))
         self.net = nn.Sequential(*layers)
+        # model.stem=both: the linear patch projection beside the stem, summed; pixels keep a linear path
+        self.linear = nn.Linear(math.prod(self.patch_shape), dim) if linear else None
 
     def reset_parameters(self) -> None:
         convs = [m for m in self.net if isinstance(m, nn.Conv2d | nn.Conv3d)]
@@ -89,12 +95,17 @@ class ConvStem(nn.Module):
             nn.init.kaiming_normal_(c.weight, nonlinearity="relu")  # He init for the GELU levels
             nn.init.zeros_(c.bias)
         last = convs[-1]
-        nn.init.normal_(last.weight, std=last.in_channels**-0.5)  # LeCun: unit-scale token content
+        paths = 2 if self.linear is not None else 1  # two summed paths: each at 1/sqrt(2) of unit scale
+        nn.init.normal_(last.weight, std=(paths * last.in_channels) ** -0.5)  # LeCun: unit-scale content
         nn.init.zeros_(last.bias)
+        if self.linear is not None:
+            nn.init.normal_(self.linear.weight, std=(paths * self.linear.in_features) ** -0.5)
+            nn.init.zeros_(self.linear.bias)
 
     def forward(self, values: Tensor, grid: tuple[int, ...]) -> Tensor:
         y = self.net(grid_to_signal(values, grid, self.patch_shape))  # (B, dim, *grid)
-        return y.flatten(2).transpose(1, 2)  # (B, N, dim), row-major like the patches
+        y = y.flatten(2).transpose(1, 2)  # (B, N, dim), row-major like the patches
+        return y if self.linear is None else y + self.linear(values)
 
 
 def positions(coords: Tensor, dim: int, shift: Tensor | None = None) -> Tensor:
@@ -123,8 +134,8 @@ class SpecificTokenizers(nn.ModuleDict):
         def projection(m: str, p: Patcher) -> nn.Module:
             if p.discrete:
                 return nn.Embedding(vocab_size, dim)
-            if stem == "conv" and m in stem_modalities:
-                return ConvStem(p.patch_shape, dim, m)
+            if stem in ("conv", "both") and m in stem_modalities:
+                return ConvStem(p.patch_shape, dim, m, linear=stem == "both")
             return nn.Linear(p.patch_numel, dim)
 
         super().__init__({m: projection(m, p) for m, p in patchers.items()})
