@@ -214,6 +214,13 @@ class MultitaskSupervised(Objective):
         self.single_stream_share = t.single_stream
         self.by_modality = {m: [s.key for s in self.tasks if s.modality == m] for m in self.modalities}
         self.sampling = task_sampling(t.task_sampling, [s.key for s in self.tasks])
+        if self.sampling is not None:  # draw probabilities, fixed for the run
+            mod_w = np.array([sum(self.sampling[k] for k in self.by_modality[m]) for m in self.modalities])
+            self.modality_p = mod_w / mod_w.sum()
+            self.task_p = {}
+            for m, keys in self.by_modality.items():
+                w = np.array([self.sampling[k] for k in keys])
+                self.task_p[m] = w / w.sum() if w.sum() > 0 else None
 
     def stream_batch_size(self) -> int:
         return max(1, self.batch_size // 2)
@@ -221,22 +228,13 @@ class MultitaskSupervised(Objective):
     def plan(self, step: int, micro: int = 0) -> list[str]:
         rng = self._rng(step, micro)
         if self.sampling is None:  # uniform: the draws every run made before weights existed
-            keys = []
-            for m in self._pair(rng):
-                options = [t.key for t in self.tasks if t.modality == m]
-                keys.append(options[int(rng.integers(len(options)))])
-            return keys
-        mod_w = np.array([sum(self.sampling[k] for k in self.by_modality[m]) for m in self.modalities])
+            return [(o := self.by_modality[m])[int(rng.integers(len(o)))] for m in self._pair(rng)]
         if len(self.modalities) == 1:
             pair = self.modalities * 2
         else:
-            chosen = rng.choice(len(self.modalities), size=2, replace=False, p=mod_w / mod_w.sum())
+            chosen = rng.choice(len(self.modalities), size=2, replace=False, p=self.modality_p)
             pair = [self.modalities[i] for i in chosen]
-        keys = []
-        for m in pair:
-            w = np.array([self.sampling[k] for k in self.by_modality[m]])
-            keys.append(self.by_modality[m][int(rng.choice(len(w), p=w / w.sum()))])
-        return keys
+        return [self.by_modality[m][int(rng.choice(len(self.task_p[m]), p=self.task_p[m]))] for m in pair]
 
     def single_stream(self, step: int, micro: int = 0) -> bool:
         """Whether this update runs the single-stream forward (a pure function of seed, step, micro)."""
