@@ -539,6 +539,16 @@ def client(app) -> Client:
     return _client(app)
 
 
+MEDIA_ENDPOINTS = ("predict", "attention", "cross_attention", "ablate_heads", "probe_head")
+
+
+@pytest.fixture(scope="module")
+def clients(app) -> dict[str, Client]:
+    """One client per endpoint, as five users at once: several jobs submitted at once through ONE
+    gradio_client can lose one to a client-side race (a CancelledError, gradio-app/gradio#9968)."""
+    return {endpoint: _client(app) for endpoint in MEDIA_ENDPOINTS}
+
+
 def _slot(modality: str, src: str) -> dict:
     return {modality: src if modality == "text" else handle_file(src)}
 
@@ -548,7 +558,7 @@ def _endpoint_calls(modality: str, src: str, good: dict) -> dict[str, dict]:
     medium of another modality)."""
     other = "audio" if modality == "image" else "image"
     bad = _slot(modality, src)
-    return {
+    calls = {
         "predict": dict(**bad, api_name="/predict"),
         "attention": dict(**bad, modality="auto", module="f", layer=0, head="mean", api_name="/attention"),
         "cross_attention": dict(**bad, **_slot(other, good[other]), modality_a=modality, modality_b=other,
@@ -556,13 +566,15 @@ def _endpoint_calls(modality: str, src: str, good: dict) -> dict[str, dict]:
         "ablate_heads": dict(**bad, heads=["f.0.0"], api_name="/ablate_heads"),
         "probe_head": dict(**bad, task=f"{other}/digit", api_name="/probe_head"),
     }  # fmt: skip
+    assert tuple(calls) == MEDIA_ENDPOINTS
+    return calls
 
 
 @pytest.mark.parametrize("case", [c for c in MEDIA_CORPUS if c.app], ids=lambda c: c.id)
-def test_bad_media_through_every_app_endpoint(case, client, good, bad_files):
+def test_bad_media_through_every_app_endpoint(case, client, clients, good, bad_files):
     expect = case.app_expect or case.expect
     calls = _endpoint_calls(case.modality, _source(case, bad_files), good)
-    jobs = {endpoint: client.submit(**kwargs) for endpoint, kwargs in calls.items()}  # all at once
+    jobs = {endpoint: clients[endpoint].submit(**kwargs) for endpoint, kwargs in calls.items()}  # all at once
     for endpoint, job in jobs.items():
         with pytest.raises(AppError) as err:
             job.result(timeout=120)

@@ -171,6 +171,25 @@ def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path, options
         assert (a[k] == b[k]).all(), k
 
 
+def test_stage3_reads_text_in_larger_batches_by_default(tmp_path):
+    """``train.batch_scale`` left unset is the stage's default: text x3 in stage 3, nothing scaled in
+    stages 1 and 2; the loop feeds each stream its own batch size (counted in the process record)."""
+    from workbench.modalities import default_tasks
+    from workbench.model import build_model
+    from workbench.train.objectives import MultitaskSupervised
+
+    assert _cfg(1).train.batch_scale == _cfg(2).train.batch_scale == {}
+    cfg = _cfg(3, "train.steps=8")
+    assert cfg.train.batch_scale == {"text": 3.0}
+    run = train(cfg, tmp_path / "run")
+    trained = json.loads((run.run_dir / "processes" / "0.json").read_text())["samples"]
+    tasks = default_tasks()
+    plan = MultitaskSupervised(build_model(cfg, tasks), cfg, tasks).plan
+    drawn = [key for step in range(8) for key in plan(step)]
+    assert any(k.startswith("text/") for k in drawn)
+    assert trained == sum(48 if k.startswith("text/") else 16 for k in drawn)
+
+
 def test_resume_without_state_is_a_clear_error(tmp_path):
     with pytest.raises(Exception, match=r"no config\.json|does not exist"):
         resolve_run(3, (), TINY, out=str(tmp_path / "nothing"), resume=True)

@@ -294,3 +294,59 @@ def test_task_sampling_weights_shift_the_plan_and_are_replayable():
     with pytest.raises(ConfigError, match="two modalities"):
         objective("train.task_sampling={image/digit: 0, image/denoise: 0, audio/digit: 0, audio/language: 0, "
                   "video/digit: 0, video/motion: 0}")  # fmt: skip
+
+
+def test_batch_scale_sizes_streams_and_pair_updates_score_every_row():
+    """``train.batch_scale``: a modality's streams carry that many times the stream batch. A pair update
+    fuses the first min(len) rows of its two streams row by row; the larger stream's other rows run
+    the single-stream forward (stage 3) or the unimodal masked one (stage 2), so every row is scored
+    once and a stream's loss is the mean over all its rows."""
+    from workbench.config import load_config
+    from workbench.errors import ConfigError
+    from workbench.modalities import default_tasks
+    from workbench.model import build_model
+    from workbench.model.synthetic import synthetic_batch
+    from workbench.train.objectives import MultitaskSupervised, PairwiseMasked
+
+    tasks = default_tasks()
+    spec = {t.key: t for t in tasks}
+    overrides = [
+        "model.preset=tiny",
+        "train.batch_size=8",
+        "train.batch_scale.text=2.5",
+        "train.single_stream=0",
+    ]
+    cfg = load_config(overrides=overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg, tasks).eval()  # eval: no training noise, so the parts below must match exactly
+    s3 = MultitaskSupervised(model, cfg, tasks)
+    assert s3.stream_batch_size("text/digit") == 10 and s3.stream_batch_size("image/digit") == 4
+    image = synthetic_batch(spec["image/digit"], 4, seed=0)
+    text = synthetic_batch(spec["text/digit"], 10, seed=1, text_tokens=10)
+    with torch.no_grad():
+        _, parts = s3([image, text], step=0)
+        fused_image, fused_text = model.forward_pair(image, text.slice(0, 4))
+        rest = model.forward_single(text.slice(4, 10), tasks=["digit"])["digit"]
+        assert parts["text/digit"].item() == pytest.approx(
+            model.task_loss("text/digit", torch.cat([fused_text, rest]), text.y).item(), rel=1e-5
+        )
+        assert parts["image/digit"].item() == pytest.approx(
+            model.task_loss("image/digit", fused_image, image.y).item(), rel=1e-5
+        )
+        s2 = PairwiseMasked(model, cfg, tasks)
+        _, parts = s2([image, text], step=3)
+        g, ratio = s2._generator(3), cfg.train.mask_ratio
+        w = cfg.train.mlm_visible_weight
+        pair = model.forward_masked_pair(image, text.slice(0, 4), ratio["image"], ratio["text"], generator=g,
+                                         visible_weight=w)  # fmt: skip
+        alone = model.forward_masked(text.slice(4, 10), ratio["text"], generator=g, visible_weight=w)
+        assert parts["text/masked"].item() == pytest.approx(
+            (4 * pair[1].loss + 6 * alone.loss).item() / 10, rel=1e-5
+        )
+        assert parts["image/masked"].item() == pytest.approx(pair[0].loss.item(), rel=1e-5)
+    for bad, match in (
+        ("train.batch_scale.smell=2", "smell"),
+        ("train.batch_scale.text=0", "batch_scale.text"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config(overrides=[bad])

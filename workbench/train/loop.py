@@ -263,7 +263,7 @@ def train(
         modality, task = key.split("/", 1)
         return make_loader(
             bench.dataset(modality, task, "train"),
-            inner.stream_batch_size(),
+            inner.stream_batch_size(key),
             shuffle=True,
             seed=cfg.seed,
             text_tokenizer=tokenizer,
@@ -303,6 +303,7 @@ def train(
         total=t.steps, initial=step, disable=not accelerator.is_local_main_process, desc=f"stage {t.stage}"
     )
     window: dict[str, list[float]] = {}
+    norms: list[float] = []  # gradient norms (before clipping) of the updates since the last record
     samples, tic, started = 0, time.perf_counter(), time.perf_counter()
     local_samples = 0
     micro = 0
@@ -318,7 +319,9 @@ def train(
                 )
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.clip_grad > 0:
-                accelerator.clip_grad_norm_(objective.parameters(), t.clip_grad)
+                # the norm before clipping: logged, so a run whose every update is clipped shows it
+                norm = accelerator.clip_grad_norm_(objective.parameters(), t.clip_grad)
+                norms.append(float(norm))
             optimizer.step()
             if accelerator.sync_gradients:
                 scheduler.step()
@@ -342,6 +345,9 @@ def train(
                 "samples_per_s": samples / max(elapsed, 1e-9),
             }
             record |= {f"loss/{k}": sum(v) / len(v) for k, v in window.items()}
+            if norms:
+                record["grad_norm"] = sum(norms) / len(norms)
+                record["clipped"] = sum(n > t.clip_grad for n in norms) / len(norms)
             if hasattr(inner, "balancer"):
                 record |= {f"weight/{k}": w for k, w in inner.balancer.weights().items()}
             accelerator.log(record, step=step)
@@ -350,7 +356,7 @@ def train(
                     fh.write(json.dumps(record) + "\n")
             progress.set_postfix(loss=f"{sum(sum(v) / len(v) for v in window.values()):.3f}",
                                  sps=f"{record['samples_per_s']:.0f}")  # fmt: skip
-            window, samples, tic = {}, 0, time.perf_counter()
+            window, norms, samples, tic = {}, [], 0, time.perf_counter()
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step in (t.steps, stop_after):
             state = {"step": step, "streams": streams.state(), "objective": inner.state()}
             _save_state(accelerator, run_dir, step, state, t.keep_checkpoints)

@@ -51,6 +51,7 @@ class Objective(nn.Module):
         self.tasks = list(tasks)
         self.modalities = list(dict.fromkeys(t.modality for t in self.tasks))
         self.batch_size = cfg.train.batch_size
+        self.batch_scale = dict(cfg.train.batch_scale or {})
         self.grad_accum = cfg.train.grad_accum
         # MoE blocks are built here until OmniVec2 builds them itself (see workbench/model/moe.py);
         # before the optimiser and any state load, and a no-op (no parameter, no RNG draw) when dense.
@@ -88,8 +89,16 @@ class Objective(nn.Module):
         first = next(t for t in self.tasks if t.modality == modality and t.kind == "classification")
         return first.key
 
-    def stream_batch_size(self) -> int:
+    def base_batch_size(self) -> int:
+        """Samples per stream batch before ``train.batch_scale``: the whole batch, or half of it for
+        objectives that run two streams per update."""
         return self.batch_size
+
+    def stream_batch_size(self, key: str | None = None) -> int:
+        """Samples per batch of stream ``key`` (``"modality/task"``): the base size times
+        ``train.batch_scale`` of the key's modality (1 if unlisted, and for ``key=None``)."""
+        scale = 1.0 if key is None else self.batch_scale.get(key.split("/", 1)[0], 1.0)
+        return max(1, round(self.base_batch_size() * scale))
 
     def plan(self, step: int, micro: int = 0) -> list[str]:
         raise NotImplementedError
@@ -150,7 +159,7 @@ class PairwiseMasked(_Masked):
 
     stage = 2
 
-    def stream_batch_size(self) -> int:
+    def base_batch_size(self) -> int:
         return max(1, self.batch_size // 2)
 
     def plan(self, step: int, micro: int = 0) -> list[str]:
@@ -158,16 +167,30 @@ class PairwiseMasked(_Masked):
 
     def forward(self, batches: list[Batch], step: int, micro: int = 0):
         a, b = batches
+        g = self._generator(step, micro)
+        n = min(len(a), len(b))  # fusion pairs rows; a larger stream's extra rows run unimodal
         out_a, out_b = self.model.forward_masked_pair(
-            a,
-            b,
+            a.slice(0, n),
+            b.slice(0, n),
             self.mask_ratio[a.modality],
             self.mask_ratio[b.modality],
-            generator=self._generator(step, micro),
+            generator=g,
             visible_weight=self.visible_weight,
         )
-        parts = _average([(f"{a.modality}/masked", out_a.loss), (f"{b.modality}/masked", out_b.loss)])
-        return self._with_moe_aux(out_a.loss + out_b.loss, {k: v.detach() for k, v in parts.items()})
+        loss_a, loss_b = (self._with_rest(out.loss, x, n, g) for out, x in ((out_a, a), (out_b, b)))
+        parts = _average([(f"{a.modality}/masked", loss_a), (f"{b.modality}/masked", loss_b)])
+        return self._with_moe_aux(loss_a + loss_b, {k: v.detach() for k, v in parts.items()})
+
+    def _with_rest(self, loss: torch.Tensor, batch: Batch, n: int, g: torch.Generator) -> torch.Tensor:
+        """The stream's loss over all its rows: rows past the first ``n`` (a ``train.batch_scale``d
+        stream) through the unimodal masked forward, the two means weighted by their rows."""
+        if len(batch) == n:
+            return loss
+        rest = batch.slice(n, len(batch))
+        extra = self.model.forward_masked(
+            rest, self.mask_ratio[batch.modality], generator=g, visible_weight=self.visible_weight
+        ).loss
+        return (n * loss + len(rest) * extra) / len(batch)
 
 
 def task_sampling(weights: dict[str, float], keys: Sequence[str]) -> dict[str, float] | None:
@@ -222,7 +245,7 @@ class MultitaskSupervised(Objective):
                 w = np.array([self.sampling[k] for k in keys])
                 self.task_p[m] = w / w.sum() if w.sum() > 0 else None
 
-    def stream_batch_size(self) -> int:
+    def base_batch_size(self) -> int:
         return max(1, self.batch_size // 2)
 
     def plan(self, step: int, micro: int = 0) -> list[str]:
@@ -250,11 +273,21 @@ class MultitaskSupervised(Objective):
             pred_a = self.model.forward_single(a, tasks=[a.task], generator=g)[a.task]
             pred_b = self.model.forward_single(b, tasks=[b.task], generator=g)[b.task]
         else:
-            pred_a, pred_b = self.model.forward_pair(a, b, generator=g)
+            n = min(len(a), len(b))  # fusion pairs rows; a larger stream's extra rows run single-stream
+            pred_a, pred_b = self.model.forward_pair(a.slice(0, n), b.slice(0, n), generator=g)
+            pred_a, pred_b = (self._with_rest(p, x, n, g) for p, x in ((pred_a, a), (pred_b, b)))
         losses = _average(
             [(x.key, self.model.task_loss(x.key, p, x.y)) for x, p in ((a, pred_a), (b, pred_b))]
         )
         return self._with_moe_aux(self.balancer(losses), {k: v.detach() for k, v in losses.items()})
+
+    def _with_rest(self, pred: torch.Tensor, batch: Batch, n: int, g: torch.Generator) -> torch.Tensor:
+        """Predictions for all rows of a pair update's stream: rows past the first ``n`` (a
+        ``train.batch_scale``d stream) through the single-stream forward."""
+        if len(batch) == n:
+            return pred
+        rest = batch.slice(n, len(batch))
+        return torch.cat([pred, self.model.forward_single(rest, tasks=[batch.task], generator=g)[batch.task]])
 
     def observe(self, parts: dict[str, float]) -> None:
         self.balancer.observe({k: v for k, v in parts.items() if k in self.balancer.keys})  # tasks only
@@ -282,7 +315,7 @@ class AlternatingSupervised(MultitaskSupervised):
         self.model_cfg = cfg.model
         self.kinds = {t.key: t.kind for t in self.tasks}
 
-    def stream_batch_size(self) -> int:
+    def base_batch_size(self) -> int:
         return self.batch_size
 
     def plan(self, step: int, micro: int = 0) -> list[str]:
