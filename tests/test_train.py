@@ -92,6 +92,8 @@ def test_stage3_logs_task_losses_and_weights(three_stages):
     assert any(k.startswith("weight/") for k in keys) and any(k.startswith("loss/") for k in keys)
     weights = [r[k] for r in history for k in r if k.startswith("weight/")]
     assert any(abs(w - 1.0) > 1e-6 for w in weights)  # DWA moved the weights off 1
+    # every record has the mean gradient norm before clipping and the share of clipped updates
+    assert all(0 < r["grad_norm"] < float("inf") and 0 <= r["clipped"] <= 1 for r in history)
 
 
 def test_tasks_sharing_inputs_are_evaluated_in_one_pass_with_the_same_metrics(three_stages):

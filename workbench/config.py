@@ -311,7 +311,7 @@ STAGE_LR = {1: 3e-4, 2: 3e-4, 3: 6e-4}
 # The default `train.batch_scale` per stage. Stage 3 reads text in batches three times the stream
 # batch: a phrase is 2-10 tokens against 49-64 for a signal, and text/digit is short of samples, not
 # of updates. From the default stage-2 checkpoint, seed 0, both cores: text/digit test 38.2% vs 28.5%
-# (47.5% at x4), its training phrases fitted 60% vs 37%, for 139 s more of stage 3 (README).
+# (47.5% at x4), its training phrases fitted 60% vs 37%, for 10.6% more stage-3 time (README).
 STAGE_BATCH_SCALE: dict[int, dict[str, float]] = {1: {}, 2: {}, 3: {"text": 3.0}}
 
 

@@ -100,7 +100,8 @@ def setup(parameters: Mapping[str, Any], stage: int | None = None) -> Config:
     """Validate a notebook's parameters into a :class:`Config`, then set up plotting and seeds.
 
     ``stage``: the training stage the notebook runs, set before the config resolves, so steps and
-    learning rate left at 0 take that stage's defaults (``STAGE_STEPS``, ``STAGE_LR``), as in
+    learning rate left at 0 and batch scales left unset take that stage's defaults (``STAGE_STEPS``,
+    ``STAGE_LR``, ``STAGE_BATCH_SCALE``), as in
     ``workbench train --stage N``.
 
     Side effects: plotly's default renderer (so figures work in JupyterLab and in the HTML report),

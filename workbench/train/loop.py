@@ -321,7 +321,8 @@ def train(
             if accelerator.sync_gradients and t.clip_grad > 0:
                 # the norm before clipping: logged, so a run whose every update is clipped shows it
                 norm = accelerator.clip_grad_norm_(objective.parameters(), t.clip_grad)
-                norms.append(float(norm))
+                if norm is not None:  # DeepSpeed clips inside its engine and returns None
+                    norms.append(float(norm))
             optimizer.step()
             if accelerator.sync_gradients:
                 scheduler.step()

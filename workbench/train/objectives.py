@@ -183,7 +183,8 @@ class PairwiseMasked(_Masked):
 
     def _with_rest(self, loss: torch.Tensor, batch: Batch, n: int, g: torch.Generator) -> torch.Tensor:
         """The stream's loss over all its rows: rows past the first ``n`` (a ``train.batch_scale``d
-        stream) through the unimodal masked forward, the two means weighted by their rows."""
+        stream) through the unimodal masked forward (stage 1's decoder, which stage 2 trains from where
+        its checkpoint left it), the two means weighted by their rows."""
         if len(batch) == n:
             return loss
         rest = batch.slice(n, len(batch))
