@@ -261,7 +261,7 @@ def test_alternating_plan_is_one_stream_reproducible_and_covers_every_task():
     a, b = _alternating(), _alternating()
     plans = [a.plan(step) for step in range(400)]
     assert plans == [b.plan(step) for step in range(400)]  # a pure function of (seed, step)
-    assert all(len(p) == 1 for p in plans) and a.stream_batch_size() == 8  # one stream, the whole batch
+    assert all(len(p) == 1 for p in plans) and a.base_batch_size() == 8  # one stream, the whole batch
     assert {p[0] for p in plans} == {t.key for t in default_tasks()}
     other = _alternating("seed=1")
     assert plans != [other.plan(step) for step in range(400)]

@@ -94,11 +94,10 @@ class Objective(nn.Module):
         objectives that run two streams per update."""
         return self.batch_size
 
-    def stream_batch_size(self, key: str | None = None) -> int:
+    def stream_batch_size(self, key: str) -> int:
         """Samples per batch of stream ``key`` (``"modality/task"``): the base size times
-        ``train.batch_scale`` of the key's modality (1 if unlisted, and for ``key=None``)."""
-        scale = 1.0 if key is None else self.batch_scale.get(key.split("/", 1)[0], 1.0)
-        return max(1, round(self.base_batch_size() * scale))
+        ``train.batch_scale`` of the key's modality (1 if unlisted)."""
+        return max(1, round(self.base_batch_size() * self.batch_scale.get(key.split("/", 1)[0], 1.0)))
 
     def plan(self, step: int, micro: int = 0) -> list[str]:
         raise NotImplementedError
