@@ -47,6 +47,10 @@ def batch(key: str, n: int = 3, seed: int = 0) -> Batch:
     return synthetic_batch(task, n, seed=seed, audio_seconds=0.5, text_tokens=10)
 
 
+def _stems(kind: str, trunk: str = "strided") -> tuple[str, ...]:
+    return (f"model.stem={{image: {kind}, audio: {kind}, video: {kind}}}", f"model.stem_trunk={trunk}")
+
+
 def expected_shape(task: TaskSpec, n: int) -> tuple:
     return (n, task.num_classes) if task.kind == "classification" else (n, *task.shape)
 
@@ -100,8 +104,8 @@ def _grads_missing(model: OmniVec2, prefixes: tuple[str, ...]) -> list[str]:
         ("tiny", ("model.tokenizer=unified", "model.task_head=unified")),
         ("tiny", ("model.task_head=autoencoder",)),
         ("tiny", ("model.tokenizer=unified",)),
-        ("tiny", ("model.stem=conv", "model.stem_modalities=[image,audio,video]")),
-        ("tiny", ("model.stem=both",)),
+        ("tiny", _stems("conv")),
+        ("tiny", _stems("both", "pooled")),
     ],
 )
 def test_two_stream_training_reaches_every_parameter(preset, overrides):
@@ -247,12 +251,15 @@ def _removed_signal(model: OmniVec2, b: Batch, mask: torch.Tensor) -> torch.Tens
     return signal if b.modality == "image" else signal.transpose(1, 2)  # video: (B, T, 1, H, W)
 
 
-@pytest.mark.parametrize("stem", ["linear", "conv", "both"])
+@pytest.mark.parametrize(
+    "stem",
+    [("linear", "strided"), ("conv", "strided"), ("both", "strided"), ("conv", "pooled"), ("both", "pooled")],
+)
 @pytest.mark.parametrize("key", ["image/digit", "video/digit"])
 def test_removed_pixels_cannot_leak_into_the_prediction(key, stem):
     """Changing only the removed tokens' pixels leaves every prediction identical, also through a
     convolutional stem whose receptive field crosses patch borders (it sees removed patches as zeros)."""
-    model = model_for("tiny", f"model.stem={stem}", "model.stem_modalities=[image,audio,video]")
+    model = model_for("tiny", *_stems(*stem))
     b = batch(key, 3)
     gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
     with torch.no_grad():
@@ -272,7 +279,7 @@ def test_conv_stem_tokens_see_across_patch_borders_and_keep_the_grid():
     """Unmasked, a stem token depends on its neighbours' pixels (a linear patch token does not)."""
     b = batch("image/digit", 2)
     for stem, crosses in (("linear", False), ("conv", True)):
-        model = model_for("tiny", f"model.stem={stem}")
+        model = model_for("tiny", f"model.stem.image={stem}")
         with torch.no_grad():
             _, x, _ = model.tokenize(b)
             x2 = b.x.clone()
@@ -286,40 +293,88 @@ def test_conv_stem_tokens_see_across_patch_borders_and_keep_the_grid():
         assert torch.equal(changed, expect.expand(2, 7, 7)), stem
 
 
-def test_stem_modalities_choose_which_signals_get_the_conv_stem():
-    from workbench.model.tokenizers import ConvStem
+def test_stem_maps_each_signal_to_its_projection():
+    from workbench.model.tokenizers import ConvStem, PooledStem, StridedStem
 
-    model = model_for("tiny", "model.stem=conv")  # images only by default
+    model = model_for("tiny", "model.stem={image: conv}")  # merged over tiny's {image: both}
     kinds = {m: type(p).__name__ for m, p in model.tokenizers.items()}
-    assert kinds == {"image": "ConvStem", "audio": "Linear", "text": "Embedding", "video": "Linear"}
-    every = model_for("tiny", "model.stem=conv", "model.stem_modalities=[image,audio,video]")
-    assert all(isinstance(every.tokenizers[m], ConvStem) for m in ("image", "audio", "video"))
-    linear = model_for("tiny", "model.stem=linear")
+    assert kinds == {"image": "StridedStem", "audio": "Linear", "text": "Embedding", "video": "Linear"}
+    assert model.config.model.stem == {"image": "conv", "audio": "linear", "video": "linear"}
+    every = model_for("tiny", *_stems("conv"))
+    assert all(isinstance(every.tokenizers[m], StridedStem) for m in ("image", "audio", "video"))
+    linear = model_for("tiny", "model.stem.image=linear")
     assert not any(isinstance(p, ConvStem) for p in linear.tokenizers.values())
-    default = model_for("tiny").tokenizers["image"]  # the default: stem and linear projection on images
-    assert isinstance(default, ConvStem) and default.linear is not None
-    assert not isinstance(model_for("tiny").tokenizers["audio"], ConvStem)
-    with pytest.raises(ConfigError, match="stem_modalities"):
-        load_config(overrides=["model.stem_modalities=[text]"])
-    both = model_for("tiny", "model.stem=both")  # the stem and the linear projection, summed
+    default = model_for("tiny").tokenizers["image"]  # tiny: the strided stem beside the linear projection
+    assert isinstance(default, StridedStem) and default.linear is not None
+    small = model_for("small").tokenizers  # small: pooled stems, beside the linear projection on images
+    assert isinstance(small["image"], PooledStem) and small["image"].linear is not None
+    assert isinstance(small["video"], PooledStem) and small["video"].linear is None
+    assert isinstance(small["audio"], torch.nn.Linear)
+    for bad, match in (
+        ("model.stem.text=conv", "model.stem key"),
+        ("model.stem.image=cnn", "model.stem.image"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config(overrides=[bad])
+    with pytest.raises(ConfigError, match="stem_trunk"):
+        load_config(overrides=["model.stem_trunk=deep"])
+    both = model_for("tiny", "model.stem.image=both")  # the stem and the linear projection, summed
     b = batch("image/digit", 2)
     stem = both.tokenizers["image"]
     with torch.no_grad():
         patches = both.patchers["image"](b.x)
-        conv_only = (
-            stem.net(grid_to_signal(patches.values, patches.grid, stem.patch_shape))
-            .flatten(2)
-            .transpose(1, 2)
-        )
+        conv_only = stem.embed(grid_to_signal(patches.values, patches.grid, stem.patch_shape), patches.grid)
         assert torch.allclose(
             stem(patches.values, patches.grid), conv_only + stem.linear(patches.values), atol=1e-6
         )
 
 
-def test_conv_stem_needs_power_of_two_patches():
-    cfg = load_config(overrides=["model.preset=tiny", "model.stem=conv", "model.patch_size=7"])
+def test_strided_stem_needs_power_of_two_patches_and_the_pooled_one_does_not():
+    cfg = load_config(overrides=["model.preset=tiny", "model.stem.image=conv", "model.patch_size=7"])
     with pytest.raises(ConfigError, match="powers of two"):
         build_model(cfg, TASKS)
+    cfg = load_config(
+        overrides=[
+            "model.preset=tiny",
+            "model.stem.image=conv",
+            "model.patch_size=7",
+            "model.stem_trunk=pooled",
+        ]
+    )
+    model = build_model(cfg, TASKS).eval()
+    with torch.no_grad():
+        p, x, _ = model.tokenize(batch("image/digit", 2))
+    assert p.grid == (4, 4) and x.shape == (2, 16, cfg.model.dim)
+
+
+def test_small_reads_images_and_clips_as_16_tokens_through_pooled_stems():
+    model = model_for("small")
+    for key in ("image/digit", "video/digit"):
+        with torch.no_grad():
+            p, x, _ = model.tokenize(batch(key, 2))
+        assert x.shape == (2, 16, 192), key
+    assert p.grid == (4, 2, 2)  # video: 4 tubelets of 2 frames x 2x2 cells of 16x16 pixels
+
+
+def test_pooled_stem_reads_a_clip_frame_by_frame_and_a_tubelet_as_one_token():
+    """Changing frame 2 changes exactly the tokens of the second tubelet (frames 2-3), every one of its
+    cells that the change reaches and no other time step: the 2-D levels run per frame, a tubelet's
+    frames meet only in the projection. A picture's token depends on its own cell and its neighbours'."""
+    model = model_for("tiny", "model.stem.video=conv", "model.stem_trunk=pooled", "model.video_patch=16")
+    b = batch("video/digit", 2)
+    with torch.no_grad():
+        _, x, _ = model.tokenize(b)
+        x2 = b.x.clone()
+        x2[:, 2] = torch.rand_like(x2[:, 2])  # all of frame 2
+        _, y, _ = model.tokenize(Batch(b.modality, b.task, x2, b.y))
+    changed = ((x - y).abs().amax(-1) > 1e-6).view(2, 4, 4)  # (B, time steps, 2x2 cells)
+    assert changed[:, 1].all() and not changed[:, [0, 2, 3]].any()
+    # gradients reach every stem parameter through the pooled tokens
+    stem = model.tokenizers["video"]
+    model.zero_grad()
+    model.tokenize(b)[1].square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stem.parameters())
+    model.zero_grad()
 
 
 def test_audio_masking_with_variable_lengths_keeps_no_padding():
@@ -360,30 +415,48 @@ def test_save_load_reproduces_outputs_exactly(tmp_path):
     model.text_tokenizer = None
 
 
-def test_conv_stem_checkpoints_round_trip_and_older_ones_load_linear(tmp_path):
+def test_conv_stem_checkpoints_round_trip_and_older_ones_load_as_built(tmp_path):
     b = batch("video/digit")
-    conv = model_for("tiny", "model.stem=conv", "model.stem_modalities=[image,audio,video]")
-    conv.save_pretrained(tmp_path / "conv")
-    loaded = OmniVec2.from_pretrained(tmp_path / "conv")
-    assert loaded.config.model.stem == "conv"
+    for trunk in ("strided", "pooled"):
+        conv = model_for("tiny", *_stems("conv", trunk))
+        conv.save_pretrained(tmp_path / trunk)
+        loaded = OmniVec2.from_pretrained(tmp_path / trunk)
+        assert loaded.config.model.stem == {"image": "conv", "audio": "conv", "video": "conv"}
+        assert loaded.config.model.stem_trunk == trunk
+        with torch.no_grad():
+            assert torch.equal(loaded.forward_single(b)["digit"], conv.forward_single(b)["digit"])
+
+    def older(model: OmniVec2, name: str, edit) -> OmniVec2:
+        model.save_pretrained(tmp_path / name)
+        meta = json.loads((tmp_path / name / "config.json").read_text())
+        del meta["model"]["stem_trunk"]  # written before model.stem_trunk: the strided stem
+        edit(meta["model"])
+        (tmp_path / name / "config.json").write_text(json.dumps(meta))
+        return OmniVec2.from_pretrained(tmp_path / name)
+
+    linear = model_for("tiny", "model.stem.image=linear")
+    old = older(linear, "old", lambda m: m.pop("stem"))  # before model.stem: linear patch projections
+    assert old.config.model.stem == {"image": "linear", "audio": "linear", "video": "linear"}
+    every = model_for("tiny", *_stems("conv"))  # model.stem=conv before model.stem_modalities: every signal
+    old = older(every, "conv_all", lambda m: m.update(stem="conv"))
+    assert old.config.model.stem == {"image": "conv", "audio": "conv", "video": "conv"}
+    images = model_for("tiny")  # model.stem=both with model.stem_modalities=[image]
+    old = older(images, "images", lambda m: m.update(stem="both", stem_modalities=["image"]))
+    assert old.config.model.stem == {"image": "both", "audio": "linear", "video": "linear"}
+    assert old.config.model.stem_trunk == "strided"
     with torch.no_grad():
-        assert torch.equal(loaded.forward_single(b)["digit"], conv.forward_single(b)["digit"])
-    linear = model_for("tiny", "model.stem=linear")
-    linear.save_pretrained(tmp_path / "old")
-    meta = json.loads((tmp_path / "old" / "config.json").read_text())
-    del meta["model"]["stem"], meta["model"]["stem_modalities"]  # written before model.stem existed
-    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
-    assert OmniVec2.from_pretrained(tmp_path / "old").config.model.stem == "linear"
-    every = model_for("tiny", "model.stem=conv", "model.stem_modalities=[image,audio,video]")
-    every.save_pretrained(tmp_path / "conv_all")
-    meta = json.loads((tmp_path / "conv_all" / "config.json").read_text())
-    del meta["model"]["stem_modalities"]  # a conv stem before model.stem_modalities: every signal
-    (tmp_path / "conv_all" / "config.json").write_text(json.dumps(meta))
-    assert OmniVec2.from_pretrained(tmp_path / "conv_all").config.model.stem_modalities == [
-        "image",
-        "audio",
-        "video",
-    ]
+        assert torch.equal(old.forward_single(b)["digit"], images.forward_single(b)["digit"])
+    # a `small` checkpoint from before model.stem_trunk keeps its linear video and 49-token images
+    small = model_for(
+        "small",
+        "model.stem={video: linear}",
+        "model.stem_trunk=strided",
+        "model.patch_size=4",
+        "model.video_patch=8",
+    )
+    old = older(small, "small", lambda m: m.update(stem="both", stem_modalities=["image"]))
+    assert old.config.model.stem == {"image": "both", "audio": "linear", "video": "linear"}
+    assert old.config.model.patch_size == 4 and old.config.model.stem_trunk == "strided"
 
 
 def test_head_pool_reads_the_token_mean_or_the_cls_and_old_checkpoints_keep_cls(tmp_path):

@@ -88,9 +88,13 @@ def read_checkpoint_config(directory: str | Path) -> tuple[Config, list[TaskSpec
         # keys added later keep what older checkpoints were built with
         if isinstance(meta.get("model"), dict):
             meta["model"].setdefault("head_pool", "cls")  # before model.head_pool: heads read the CLS token
-            meta["model"].setdefault("stem", "linear")  # before model.stem: linear patch projections
-            # before model.stem_modalities: a conv stem embedded every signal
-            meta["model"].setdefault("stem_modalities", ["image", "audio", "video"])
+            model = meta["model"]
+            model.setdefault("stem_trunk", "strided")  # before model.stem_trunk: the strided stem
+            stem = model.get("stem", "linear")  # before model.stem: linear patch projections
+            if isinstance(stem, str):  # before the per-signal mapping: one kind for model.stem_modalities
+                # (before model.stem_modalities: a conv stem embedded every signal)
+                chosen = model.pop("stem_modalities", ["image", "audio", "video"])
+                model["stem"] = {m: stem if m in chosen else "linear" for m in ("image", "audio", "video")}
         config = from_dict(meta)
     except (ConfigError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path} does not match this code's config: {err}") from None

@@ -186,7 +186,7 @@ class OmniVec2(nn.Module):
             self.tokenizers = UnifiedTokenizer(dict(self.patchers), cfg.dim, cfg.text_vocab_size)
         else:
             self.tokenizers = SpecificTokenizers(
-                dict(self.patchers), cfg.dim, cfg.text_vocab_size, cfg.stem, cfg.stem_modalities
+                dict(self.patchers), cfg.dim, cfg.text_vocab_size, cfg.stem, cfg.stem_trunk
             )
         self.text_shift = cfg.text_shift
         self.text_unk = cfg.text_unk

@@ -54,7 +54,12 @@ def _n(count: int, noun: str) -> str:
 
 def _stem(cfg) -> str:
     """How signals reach their tokens, when not the plain linear patch projection."""
-    if cfg.stem == "linear" or cfg.tokenizer != "specific" or not cfg.stem_modalities:
+    stems = {m: k for m, k in cfg.stem.items() if k != "linear"}
+    if not stems or cfg.tokenizer != "specific":
         return ""
-    beside = " beside the linear projection" if cfg.stem == "both" else ""
-    return f" ({', '.join(cfg.stem_modalities)} through a conv stem{beside})"
+    trunk = {"pooled": "a pooled CNN stem", "strided": "a strided conv stem"}[cfg.stem_trunk]
+    parts = [
+        f"{m} through {trunk}{' beside the linear projection' if k == 'both' else ''}"
+        for m, k in stems.items()
+    ]
+    return f" ({'; '.join(parts)})"
