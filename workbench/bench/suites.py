@@ -40,7 +40,7 @@ class Sizes:
     budget_s: float  # seconds one figure may take before repeats stop early
     roof_sizes: tuple[int, ...]  # square fp32 GEMMs (n x n @ n x n)
     roof_sizes_emulated_bf16: tuple[int, ...]  # bf16 GEMMs where bf16 is emulated (~200x slower)
-    peer_tokens: int  # tokens per sample in the peer comparison (small: 49-64 per modality)
+    peer_tokens: int  # tokens per sample in the peer comparison (a plain ViT-sized sequence)
     precision_preset_emulated: str  # the bf16-vs-fp32 model where bf16 is emulated
     precision_batch_emulated: int
     accuracy_steps: int  # optimiser steps of the short fp32 / bf16 training runs
