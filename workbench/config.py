@@ -27,6 +27,7 @@ from workbench.errors import ConfigError
 from workbench.modalities import IMAGE_SIZE, VIDEO_FRAMES, VIDEO_SIZE
 
 MODALITIES = ("image", "audio", "text", "video")
+SIGNALS = ("image", "audio", "video")  # the numeric modalities: patches, masked by dropping, stems
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -167,9 +168,9 @@ class ModelConfig:
         _check_choice("model.head_pool", self.head_pool, ("mean", "cls"))
         _check_choice("model.init", self.init, ("xavier", "trunc_normal"))
         for m, kind in self.stem.items():
-            _check_choice("model.stem key", m, ("image", "audio", "video"))
+            _check_choice("model.stem key", m, SIGNALS)
             _check_choice(f"model.stem.{m}", kind, ("linear", "conv", "both"))
-        for m in ("image", "audio", "video"):  # saved configs name every signal: a reload cannot gain a stem
+        for m in SIGNALS:  # saved configs name every signal: a reload cannot gain a stem
             self.stem.setdefault(m, "linear")
         _check_choice("model.stem_trunk", self.stem_trunk, ("strided", "pooled"))
         _check_range("model.moe_experts", self.moe_experts, lo=0)

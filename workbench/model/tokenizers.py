@@ -154,7 +154,7 @@ class PooledStem(ConvStem):
     def __init__(self, patch_shape: tuple[int, ...], dim: int, name: str = "signal", linear: bool = False):
         super().__init__(patch_shape, dim, linear)
         self.frames = patch_shape[0] if len(patch_shape) == 3 else 1  # video: frames per tubelet
-        levels = max(int(math.log2(min(patch_shape[-2:]))), 0)
+        levels = int(math.log2(min(patch_shape[-2:])))
         layers: list[nn.Module] = []
         width = 1
         for i in range(levels):
@@ -166,7 +166,7 @@ class PooledStem(ConvStem):
 
     def embed(self, signal: Tensor, grid: tuple[int, ...]) -> Tensor:
         cells = tuple(grid[-2:])
-        if self.frames == 1 and signal.ndim == 4:  # (B, 1, H, W): a picture or a spectrogram
+        if signal.ndim == 4:  # (B, 1, H, W): a picture or a spectrogram
             y = F.adaptive_max_pool2d(self.net(signal), cells)
             return self.proj(y).flatten(2).transpose(1, 2)  # (B, N, dim)
         B, _, T, H, W = signal.shape  # (B, 1, T, H, W): a clip, frame by frame
