@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from workbench.batch import Batch
-from workbench.config import load_config
+from workbench.config import load_config, read_saved_config
 from workbench.errors import CheckpointError, ConfigError, MediaError
 from workbench.modalities import MODALITIES, SAMPLE_RATE, TaskSpec, default_tasks
 from workbench.model import OmniVec2, TextTokenizer, build_model
@@ -110,12 +110,16 @@ def _grads_missing(model: OmniVec2, prefixes: tuple[str, ...]) -> list[str]:
 )
 def test_two_stream_training_reaches_every_parameter(preset, overrides):
     model = model_for(preset, *overrides).train()
+    if len(model.refiners):  # a refiner's zero-initialised output conv passes no gradient until it moves
+        model = model_for(preset, *overrides, tasks=TASKS).train()  # a private copy to move
+        for refiner in model.refiners.values():
+            torch.nn.init.normal_(refiner.net[-1].weight, std=0.01)
     model.zero_grad()
     for ka, kb in PAIRS:
         a, b = batch(ka), batch(kb, seed=1)
         pa, pb = model.forward_pair(a, b)
         (model.task_loss(ka, pa, a.y) + model.task_loss(kb, pb, b.y)).backward()
-    assert _grads_missing(model, ("tokenizers", "f.", "A.", "g.", "heads")) == []
+    assert _grads_missing(model, ("tokenizers", "f.", "A.", "g.", "heads", "refiners")) == []
     # decoders are reached through the masked paths: stage 1 per modality, stage 2 over pairs
     model.zero_grad()
     for m in MODALITIES:
@@ -457,6 +461,53 @@ def test_conv_stem_checkpoints_round_trip_and_older_ones_load_as_built(tmp_path)
     old = older(small, "small", lambda m: m.update(stem="both", stem_modalities=["image"]))
     assert old.config.model.stem == {"image": "both", "audio": "linear", "video": "linear"}
     assert old.config.model.patch_size == 4 and old.config.model.stem_trunk == "strided"
+
+
+def test_dense_refiner_starts_as_the_identity_and_corrects_from_the_input_at_full_resolution():
+    model = model_for("tiny", "model.dense_refine=8", tasks=TASKS)
+    assert list(model.refiners) == ["image/denoise"] and not model_for("tiny").refiners
+    assert model_for("small").config.model.dense_refine > 0  # the CPU default has one (README, Training)
+    b = batch("image/denoise")
+    with torch.no_grad():
+        refined = model.forward_single(b)["denoise"]
+        refiners, model.refiners = model.refiners, torch.nn.ModuleDict()
+        plain = model.forward_single(b)["denoise"]
+        model.refiners = refiners
+    assert torch.equal(refined, plain)  # untrained: exactly the head's per-token pixels
+    refiner = model.refiners["image/denoise"]
+    torch.nn.init.normal_(refiner.net[-1].weight, std=0.1)
+    coarse, x = torch.rand(2, 1, 28, 28), torch.rand(2, 1, 28, 28)
+    moved = x.clone()
+    moved[:, :, 10, 12] += 1.0  # one input pixel
+    with torch.no_grad():
+        changed = (refiner(coarse, moved) - refiner(coarse, x)).abs().sum((0, 1)) > 0  # (28, 28)
+    # three 3x3 convolutions: exactly the 7x7 neighbourhood of that pixel sees it, at full resolution
+    expected = torch.zeros(28, 28, dtype=torch.bool)
+    expected[7:14, 9:16] = True
+    assert torch.equal(changed, expected)
+    with pytest.raises(ValueError, match="needs the batch's input"):
+        model._predict("image/denoise", torch.zeros(1, 49, 32), None, torch.zeros(49, 2))
+    with pytest.raises(ValueError, match="on the prediction's grid"):
+        refiner(coarse, x[:, :, :14])
+
+
+def test_dense_refiner_round_trips_and_older_checkpoints_and_runs_load_without_one(tmp_path):
+    model = model_for("tiny", "model.dense_refine=8", tasks=TASKS)
+    torch.nn.init.normal_(model.refiners["image/denoise"].net[-1].weight, std=0.1)
+    model.save_pretrained(tmp_path / "new")
+    loaded = OmniVec2.from_pretrained(tmp_path / "new")
+    b = batch("image/denoise")
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_single(b)["denoise"], model.forward_single(b)["denoise"])
+    plain = model_for("small", "model.dense_refine=0")  # a `small` model as built before the refiner
+    plain.save_pretrained(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "config.json").read_text())
+    del meta["model"]["dense_refine"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    old = OmniVec2.from_pretrained(tmp_path / "old")  # the preset's refiner must not appear
+    assert old.config.model.dense_refine == 0 and not old.refiners
+    # a run's saved config (--resume, --init, evaluate) is upgraded the same way
+    assert read_saved_config(tmp_path / "old" / "config.json")["model"]["dense_refine"] == 0
 
 
 def test_head_pool_reads_the_token_mean_or_the_cls_and_old_checkpoints_keep_cls(tmp_path):

@@ -124,6 +124,9 @@ class ModelConfig:
     # The stem: strided (Xiao et al. 2021; 3x3 stride-2 convolutions) | pooled (a small CNN, frame by
     # frame, max-pooled onto the token grid; tokenizers.PooledStem). `small` uses pooled (README, Training).
     stem_trunk: str = "strided"
+    # Width of the input-guided refiner on image dense outputs (heads.DenseRefiner; 0 = off: the head's
+    # per-token pixels are the prediction). `small` sets it (README, Training).
+    dense_refine: int = 0
     init: str = "trunc_normal"  # transformer Linear weights: trunc_normal (std 0.02, timm ViT) | xavier (MAE)
     zero_fusion: bool = False  # zero-initialise A's output projections: fusion starts as the identity
     dropout: float = 0.0  # dropout on attention weights and MLP/projection outputs
@@ -198,6 +201,7 @@ class ModelConfig:
             "max_text_tokens",
         ):
             _check_range(f"model.{name}", getattr(self, name), lo=1)
+        _check_range("model.dense_refine", self.dense_refine, lo=0)
         _check_range("model.mlp_ratio", self.mlp_ratio, lo=0.01)
         _check_range("model.max_audio_seconds", self.max_audio_seconds, lo=0.01)
         _check_range("model.text_vocab_size", self.text_vocab_size, lo=5)  # 4 special ids + one piece
@@ -273,7 +277,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # each made by a small CNN (tokenizers.PooledStem). Default chain (600/600/1,000), seed 0:
     # image/digit 80.6% vs 56.6%, video/digit 44.4% vs 31.6%, mean of 7 70.9% vs 63.5%, in 12 min 8 s vs
     # 14 min 31 s; denoise (+0.5 vs +1.9 dB) and video/motion (95.8% vs 99.2%) lost (README, Training).
-    "small": dict(patch_size=7, video_patch=16, stem={"image": "both", "video": "conv"}, stem_trunk="pooled"),
+    "small": dict(
+        patch_size=7,
+        video_patch=16,
+        stem={"image": "both", "video": "conv"},
+        stem_trunk="pooled",
+        dense_refine=32,
+    ),
     "base": dict(  # ViT-Base f (768 wide, 12 blocks, 12 heads); A and g at 576 = 12 heads x 48
         dim=768,
         depth_f=12,
@@ -666,7 +676,24 @@ def save_config(cfg: Config, directory: str | Path) -> None:
     (directory / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
+def upgrade_model_keys(model: dict[str, Any]) -> None:
+    """In place: give a saved ``model`` section written before a key existed what it was built with, so
+    a preset that later changed a default cannot change an older network on reload."""
+    model.setdefault("head_pool", "cls")  # before model.head_pool: heads read the CLS token
+    model.setdefault("stem_trunk", "strided")  # before model.stem_trunk: the strided stem
+    model.setdefault("dense_refine", 0)  # before model.dense_refine: no refiner
+    stem = model.get("stem", "linear")  # before model.stem: linear patch projections
+    if isinstance(stem, str):  # before the per-signal mapping: one kind for model.stem_modalities
+        # (before model.stem_modalities: a conv stem embedded every signal)
+        chosen = model.pop("stem_modalities", SIGNALS)
+        model["stem"] = {m: stem if m in chosen else "linear" for m in SIGNALS}
+
+
 def read_saved_config(path: str | Path) -> dict[str, Any]:
-    """The config part of a saved ``config.json`` (a checkpoint's also holds ``tasks`` and a format version)."""
+    """The config part of a saved ``config.json`` (a checkpoint's also holds ``tasks`` and a format
+    version), its model keys upgraded (:func:`upgrade_model_keys`)."""
     saved = json.loads(Path(path).read_text())
-    return {f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved}
+    out = {f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved}
+    if isinstance(out.get("model"), dict):
+        upgrade_model_keys(out["model"])
+    return out

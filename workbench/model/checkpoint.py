@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from workbench.config import SIGNALS, Config, from_dict, to_dict
+from workbench.config import Config, from_dict, to_dict, upgrade_model_keys
 from workbench.errors import CheckpointError, ConfigError
 from workbench.modalities import TaskSpec
 from workbench.model.text_tokenizer import FILENAME as TOKENIZER_FILE
@@ -87,14 +87,7 @@ def read_checkpoint_config(directory: str | Path) -> tuple[Config, list[TaskSpec
         tasks = [TaskSpec.from_dict(t) for t in meta.pop("tasks")]
         # keys added later keep what older checkpoints were built with
         if isinstance(meta.get("model"), dict):
-            model = meta["model"]
-            model.setdefault("head_pool", "cls")  # before model.head_pool: heads read the CLS token
-            model.setdefault("stem_trunk", "strided")  # before model.stem_trunk: the strided stem
-            stem = model.get("stem", "linear")  # before model.stem: linear patch projections
-            if isinstance(stem, str):  # before the per-signal mapping: one kind for model.stem_modalities
-                # (before model.stem_modalities: a conv stem embedded every signal)
-                chosen = model.pop("stem_modalities", SIGNALS)
-                model["stem"] = {m: stem if m in chosen else "linear" for m in SIGNALS}
+            upgrade_model_keys(meta["model"])
         config = from_dict(meta)
     except (ConfigError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path} does not match this code's config: {err}") from None

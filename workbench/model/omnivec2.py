@@ -10,6 +10,10 @@
 
 Single stream (inference; one medium alone works): ``h(g(f(x)))``, no cross-attention.
 
+A dense image task's output layer may end in a refiner (``model.dense_refine``; ``refiners``, one per
+task; :class:`~workbench.model.heads.DenseRefiner`): the per-token pixels the head predicts are
+corrected at full resolution by convolutions that also read the task's input.
+
 Two streams i, j (training; ``fusion=hybrid``), our reading of the paper's open choices:
 
 * ``A(f(x_i), f(x_j))`` fuses **both ways with one shared cross-attention** (``A.0``): stream i's
@@ -51,7 +55,7 @@ from workbench.errors import ConfigError
 from workbench.modalities import MODALITIES, TaskSpec
 from workbench.model import attention as attn
 from workbench.model.attention import CrossAttention, Transformer, init_linear
-from workbench.model.heads import HEADS, MaskedDecoder, masked_mean
+from workbench.model.heads import HEADS, DenseRefiner, MaskedDecoder, masked_mean
 from workbench.model.masking import Masked, bert_corruption, random_masking
 from workbench.model.moe import apply_moe
 from workbench.model.patching import PATCHERS, Patches
@@ -199,6 +203,15 @@ class OmniVec2(nn.Module):
             for t in tasks
         }
         self.heads = HEADS[cfg.task_head](w, cfg, list(tasks), self.token_numel)
+        # model.dense_refine: the dense output on the input's own pixel grid is refined at full
+        # resolution with the input beside it (heads.DenseRefiner); image tasks only, where y is a picture
+        self.refiners = nn.ModuleDict(
+            {
+                t.key: DenseRefiner(t.shape[0], cfg.dense_refine)
+                for t in tasks
+                if cfg.dense_refine and t.kind == "dense" and t.modality == "image" and len(t.shape) == 3
+            }
+        )
         out = {m: cfg.text_vocab_size if p.discrete else p.patch_numel for m, p in self.patchers.items()}
         for stage in (1, 2):
             decoders = {
@@ -211,6 +224,8 @@ class OmniVec2(nn.Module):
         if self.A is not None and cfg.zero_fusion:
             self.A.zero_outputs()
         self.tokenizers.reset_parameters()  # unit-gain token content (see tokenizers.py)
+        for refiner in self.refiners.values():
+            refiner.reset_parameters()  # starts as the identity
         apply_moe(self)  # IMP: the blocks model.moe_* names become mixture-of-experts (no-op when dense)
         self.text_tokenizer = None
 
@@ -338,14 +353,22 @@ class OmniVec2(nn.Module):
         ob = self.A.back(xh[:, Na:], xb, pad_b, tag="A.back.j")
         return oa, ob
 
-    def _predict(self, key: str, z: Tensor, padding: Tensor | None, coords: Tensor) -> Tensor:
-        """h_mt on features z (B, N, w) -> logits (B, C) or the dense prediction (B, *shape)."""
+    def _predict(
+        self, key: str, z: Tensor, padding: Tensor | None, coords: Tensor, x: Tensor | None = None
+    ) -> Tensor:
+        """h_mt on features z (B, N, w) -> logits (B, C) or the dense prediction (B, *shape). ``x``: the
+        batch's input, which a task with a refiner (``model.dense_refine``) reads at full resolution."""
         task = self._task(key)
         out = self.heads(key, z, padding, coords)
         if task.kind == "dense":
             if self.token_numel[key]:
-                return self.patchers[task.modality].unpatchify(out, task.shape)
-            return out.view(out.shape[0], *task.shape)
+                out = self.patchers[task.modality].unpatchify(out, task.shape)
+            else:
+                out = out.view(out.shape[0], *task.shape)
+            if key in self.refiners:
+                if x is None:
+                    raise ValueError(f"{key} has a refiner: _predict needs the batch's input")
+                out = self.refiners[key](out, x)
         return out
 
     # ------------------------------------------------------------------------------ forward paths
@@ -361,7 +384,7 @@ class OmniVec2(nn.Module):
         keys = self.task_keys(batch.modality, tasks)
         p, x, coords = self.tokenize(batch, generator)
         z = self.g(self.f(x, p.padding), p.padding)  # (B, N, w)
-        return {self.tasks[k].name: self._predict(k, z, p.padding, coords) for k in keys}
+        return {self.tasks[k].name: self._predict(k, z, p.padding, coords, batch.x) for k in keys}
 
     def forward_pair(
         self, a: Batch, b: Batch, generator: torch.Generator | None = None
@@ -372,9 +395,9 @@ class OmniVec2(nn.Module):
         pb, xb, cb = self.tokenize(b, generator)
         oa, ob = self._two_streams(xa, pa.padding, xb, pb.padding)
         with self._stream("i"):
-            pred_a = self._predict(a.key, oa, pa.padding, ca)
+            pred_a = self._predict(a.key, oa, pa.padding, ca, a.x)
         with self._stream("j"):
-            pred_b = self._predict(b.key, ob, pb.padding, cb)
+            pred_b = self._predict(b.key, ob, pb.padding, cb, b.x)
         return pred_a, pred_b
 
     def _visible(self, batch: Batch, ratio: float, generator: torch.Generator | None) -> _Visible:
@@ -488,12 +511,10 @@ class OmniVec2(nn.Module):
 
     # --------------------------------------------------------------------------------- bookkeeping
     def parameter_counts(self) -> dict[str, int]:
-        """Trainable parameters per component (tokenizers, f, A, g, heads, decoders1, decoders2) and total."""
-        counts = {
-            name: sum(p.numel() for p in child.parameters())
-            for name, child in self.named_children()
-            if name != "patchers"
-        }
+        """Trainable parameters per component (tokenizers, f, A, g, heads, refiners, decoders1, decoders2)
+        and total; a component without parameters (the patchers, no refiner) is left out."""
+        counts = {name: sum(p.numel() for p in child.parameters()) for name, child in self.named_children()}
+        counts = {name: n for name, n in counts.items() if n}
         counts["total"] = sum(counts.values())
         return counts
 

@@ -28,6 +28,14 @@ def describe(model: OmniVec2) -> str:
         if cfg.task_head != "autoencoder"
         else f"  heads       autoencoder: {_n(cfg.decoder_depth, 'block')} x {cfg.decoder_heads} heads at "
         f"{cfg.decoder_dim}",
+        *(
+            [
+                f"  refiners    {', '.join(model.refiners)}: 3 convolutions 3x3 at {cfg.dense_refine} over the "
+                "prediction and the input, added to the prediction"
+            ]
+            if len(model.refiners)
+            else []
+        ),
         f"  decoders    stage 1 and 2, per modality: {_n(cfg.decoder_depth, 'block')} x {cfg.decoder_heads} heads "
         f"at {cfg.decoder_dim}",
         "",
