@@ -474,6 +474,16 @@ def test_dense_refiner_starts_as_the_identity_and_corrects_from_the_input_at_ful
         plain = model.forward_single(b)["denoise"]
         model.refiners = refiners
     assert torch.equal(refined, plain)  # untrained: exactly the head's per-token pixels
+    # built last on a forked RNG: a refiner changes no other weight's draw, nor what is drawn after
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith("refiners.")}
+    without = model_for("tiny", tasks=TASKS).state_dict()
+    assert rest.keys() == without.keys() and all(torch.equal(rest[k], without[k]) for k in rest)
+    torch.manual_seed(0)
+    build_model(load_config(overrides=["model.preset=tiny", "model.dense_refine=8"]), TASKS)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    build_model(load_config(overrides=["model.preset=tiny"]), TASKS)
+    assert torch.equal(after, torch.rand(3))
     refiner = model.refiners["image/denoise"]
     torch.nn.init.normal_(refiner.net[-1].weight, std=0.1)
     coarse, x = torch.rand(2, 1, 28, 28), torch.rand(2, 1, 28, 28)

@@ -203,15 +203,6 @@ class OmniVec2(nn.Module):
             for t in tasks
         }
         self.heads = HEADS[cfg.task_head](w, cfg, list(tasks), self.token_numel)
-        # model.dense_refine: the dense output on the input's own pixel grid is refined at full
-        # resolution with the input beside it (heads.DenseRefiner); image tasks only, where y is a picture
-        self.refiners = nn.ModuleDict(
-            {
-                t.key: DenseRefiner(t.shape[0], cfg.dense_refine)
-                for t in tasks
-                if cfg.dense_refine and t.kind == "dense" and t.modality == "image" and len(t.shape) == 3
-            }
-        )
         out = {m: cfg.text_vocab_size if p.discrete else p.patch_numel for m, p in self.patchers.items()}
         for stage in (1, 2):
             decoders = {
@@ -224,9 +215,20 @@ class OmniVec2(nn.Module):
         if self.A is not None and cfg.zero_fusion:
             self.A.zero_outputs()
         self.tokenizers.reset_parameters()  # unit-gain token content (see tokenizers.py)
-        for refiner in self.refiners.values():
-            refiner.reset_parameters()  # starts as the identity
         apply_moe(self)  # IMP: the blocks model.moe_* names become mixture-of-experts (no-op when dense)
+        # model.dense_refine: the dense output on the input's own pixel grid is refined at full
+        # resolution with the input beside it (heads.DenseRefiner); image tasks only, where y is a picture.
+        # Built last on a forked RNG: with or without refiners, every other weight is drawn the same.
+        with torch.random.fork_rng(devices=[]):
+            self.refiners = nn.ModuleDict(
+                {
+                    t.key: DenseRefiner(t.shape[0], cfg.dense_refine)
+                    for t in tasks
+                    if cfg.dense_refine and t.kind == "dense" and t.modality == "image" and len(t.shape) == 3
+                }
+            )
+            for refiner in self.refiners.values():
+                refiner.reset_parameters()  # starts as the identity
         self.text_tokenizer = None
 
     # ---------------------------------------------------------------------------------- properties
