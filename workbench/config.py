@@ -318,9 +318,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 # ----------------------------------------------------------------------------------------- training
 # The default run's updates per stage (`train.steps=0`): 600, 600, 1,200 fit the 15-minute budget on
-# 2 CPU cores (12 min 57 s). Stage 3 gets the most because its budget moves accuracy most: from one
-# stage-2 checkpoint (lr 6e-4, seed 0), the mean test accuracy of the 7 classification tasks was 57%
-# after 1,000 updates and 54% after 800, while 600/600/1,000 tied the former 1,000/1,000/1,000 at lr
+# 2 CPU cores (13 min 14 s with the denoise refiner). Stage 3 gets the most because its budget moves
+# accuracy most: from one stage-2 checkpoint (lr 6e-4, seed 0), the mean test accuracy of the 7
+# classification tasks was 57% after 1,000 updates and 54% after 800, while 600/600/1,000 tied the former 1,000/1,000/1,000 at lr
 # 3e-4 (53.5% both) in three quarters of the time. The pooled stems (16 image and video tokens) made
 # stage 3 a third cheaper, and the time went to 1,200 updates: mean 74.6% vs 70.9% at 1,000, from one
 # stage-2 checkpoint. README, "Where things stand", has the tables.
