@@ -217,3 +217,33 @@ def test_two_process_launch(tmp_path):
     for key, row in metrics["test"].items():  # gather_for_metrics saw the whole split, no duplicates
         modality, task = key.split("/")
         assert row["n"] == len(bench.dataset(modality, task, "test")), key
+
+
+def test_evaluate_by_template_splits_each_text_total_into_its_phrasings(three_stages, tmp_path, capsys):
+    """``workbench evaluate --by template``: per held-out phrasing, and the parts add up to the total."""
+    from workbench.cli import main
+    from workbench.data.phrases import split_templates
+
+    ckpt = tmp_path / "checkpoint"
+    shutil.copytree(three_stages[2].checkpoint, ckpt)  # evaluate writes metrics.json beside the weights
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the fixture trained and evaluated
+    try:
+        code = main(["evaluate", "--checkpoint", str(ckpt), "--split", "val", "--by", "template",
+                     "--json", str(tmp_path / "m.json")])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    seed = load_config([three_stages[2].run_dir / "config.yaml"]).seed
+    for key in ("text/digit", "text/language"):
+        row, groups = metrics[key], metrics[key]["by_template"]
+        assert sorted(groups) == sorted(split_templates(seed)["val"])  # the held-out phrasings, by name
+        assert sum(g["n"] for g in groups.values()) == row["n"]
+        total = sum(g["accuracy"] * g["n"] for g in groups.values()) / row["n"]
+        assert abs(total - row["accuracy"]) < 1e-6  # torchmetrics' total, recounted per phrasing
+    assert all("by_template" not in metrics[k] for k in metrics if not k.startswith("text/"))
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in metrics["text/digit"]["by_template"])  # under its task's line
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--by", "colour"]) == 2
+    assert "no task of this benchmark has a column 'colour'" in capsys.readouterr().err

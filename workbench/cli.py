@@ -100,7 +100,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from workbench.config import load_config, read_saved_config
     from workbench.data import load_benchmark
-    from workbench.evaluate import evaluate
+    from workbench.evaluate import accuracy_by, evaluate
     from workbench.inference import Predictor
 
     predictor = Predictor.from_checkpoint(args.checkpoint)  # refuses a bad checkpoint before any work
@@ -108,6 +108,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       base=read_saved_config(Path(args.checkpoint) / "config.json"))  # fmt: skip
     bench = load_benchmark(cfg.data, seed=cfg.seed)
     metrics = evaluate(predictor.model, bench, args.split)
+    if args.by:  # per template / voice / ...: beside each task's totals, under "by_<column>"
+        for key, groups in accuracy_by(predictor.model, bench, args.by, args.split).items():
+            metrics[key][f"by_{args.by}"] = groups
     text = json.dumps(metrics, indent=2) + "\n"
     (Path(args.checkpoint) / "metrics.json").write_text(text)
     if args.json:
@@ -116,6 +119,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for key, row in metrics.items():
         shown = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float))
         print(f"{args.split:5s} {key:18s} {shown} (n={row['n']})")
+        for name, group in row.get(f"by_{args.by}", {}).items():
+            print(f"{'':24s}{name:20s} accuracy={group['accuracy']:.4f} (n={group['n']})")
     return 0
 
 
@@ -315,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint directory")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--json", metavar="FILE", help="write the metrics JSON here")
+    p.add_argument("--by", metavar="COLUMN",
+                   help="also the accuracy per value of a data column: template (text phrasings), voice (audio)")  # fmt: skip
     _add_config_args(p)
 
     p = add("predict", cmd_predict, "predict every task head of each medium's modality")

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from workbench.config import Config
+from workbench.errors import ConfigError
 from workbench.modalities import TaskSpec
 
 
@@ -183,3 +184,38 @@ def evaluate_masked(
             total, n = total + loss.item(), n + int(count.item())
         results[spec.modality] = {"masked_loss": total / max(n, 1), "n": n}
     return results
+
+
+def _group_names(column: str, values: torch.Tensor) -> list[str]:
+    """Readable names of a provenance column's values (text templates by name, others as numbers)."""
+    if column == "template":
+        from workbench.data.phrases import TEMPLATES
+
+        return [TEMPLATES[int(v)].name for v in values]
+    return [str(int(v)) for v in values]
+
+
+@torch.no_grad()
+def accuracy_by(model, bench, column: str, split: str = "test", batch_size: int = 256) -> dict[str, dict]:
+    """Accuracy of every classification task whose table has the provenance ``column`` (``template``
+    for text: which phrasing; ``voice`` for audio), per value: ``{"text/digit": {"minus": {"accuracy",
+    "n"}, ...}}``. Single process; a diagnostic beside :func:`evaluate` (which gives the totals)."""
+    specs = [s for s in bench.tasks if s.key in model.tasks and s.kind == "classification"]
+    specs = [s for s in specs if column in bench.dataset(s.modality, s.name, split).data.info]
+    if not specs:
+        have = sorted({c for s in bench.tasks for c in bench.dataset(s.modality, s.name, split).data.info})
+        raise ConfigError(f"no task of this benchmark has a column {column!r}; columns: {', '.join(have)}")
+    model.eval()
+    out: dict[str, dict] = {}
+    for spec in specs:
+        ds = bench.dataset(spec.modality, spec.name, split)
+        right = []
+        for batch in _loader(bench, spec, split, model, batch_size, None):  # in row order (no shuffle)
+            right.append(model.forward_single(batch, tasks=[spec.name])[spec.name].argmax(-1) == batch.y)
+        hits = torch.cat(right)
+        names = _group_names(column, ds.data.info[column][ds.rows])
+        rows: dict[str, list[bool]] = {}
+        for name, hit in zip(names, hits.tolist()):
+            rows.setdefault(name, []).append(hit)
+        out[spec.key] = {name: {"accuracy": sum(r) / len(r), "n": len(r)} for name, r in sorted(rows.items())}
+    return out
