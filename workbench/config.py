@@ -320,8 +320,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 # The default run's updates per stage (`train.steps=0`): 600, 600, 1,200 fit the 15-minute budget on
 # 2 CPU cores (13 min 14 s with the denoise refiner). Stage 3 gets the most because its budget moves
 # accuracy most: from one stage-2 checkpoint (lr 6e-4, seed 0), the mean test accuracy of the 7
-# classification tasks was 57% after 1,000 updates and 54% after 800, while 600/600/1,000 tied the former 1,000/1,000/1,000 at lr
-# 3e-4 (53.5% both) in three quarters of the time. The pooled stems (16 image and video tokens) made
+# classification tasks was 57% after 1,000 updates and 54% after 800, while 600/600/1,000 tied the
+# former 1,000/1,000/1,000 at lr 3e-4 (53.5% both) in three quarters of the time. The pooled stems (16 image and video tokens) made
 # stage 3 a third cheaper, and the time went to 1,200 updates: mean 74.6% vs 70.9% at 1,000, from one
 # stage-2 checkpoint. README, "Where things stand", has the tables.
 STAGE_STEPS = {1: 600, 2: 600, 3: 1200}
@@ -378,7 +378,7 @@ class TrainConfig:
     # default moves text's draws from language (solved early) to digit (the slowest task): from the
     # default stage-2 checkpoint, seed 0, one thread, text/digit test 32.2% vs 18.5% uniform, mean of
     # the 7 classification tasks 62.2% vs 60.0% (README). Text/digit at 4 rather than 2 (text is then
-    # drawn in ~40% of the stream slots): from the default stage-2 checkpoint, seed 0, both cores,
+    # drawn in ~43% of the stream slots): from the default stage-2 checkpoint, seed 0, both cores,
     # text/digit 78.8% vs 48.2%, mean of 7 77.7% vs 74.7%, audio 5-7 points lower, 26 s more stage 3.
     # All weights 1: uniform, the paper's sampling.
     task_sampling: dict[str, float] = field(default_factory=lambda: {"text/digit": 4.0, "text/language": 0.5})
