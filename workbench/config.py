@@ -354,7 +354,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 where the hardware has native bf16, else no) | no | bf16
     checkpoint_every: int = 0  # save Accelerate state every N updates (0: only at the end)
     keep_checkpoints: int = 2  # most recent states kept under RUN/state/
-    eval_every: int = 0  # validation every N updates (0: only at the end)
+    eval_every: int = 0  # also validate every N updates (history.jsonl and tracker: val/...); 0: at the end
     log_every: int = 10
     mask_ratio: dict[str, float] = field(
         # Paper: 0.95 for image, video, audio and text. On 28x28 digits with 49 patches, 0.75 keeps

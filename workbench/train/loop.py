@@ -139,6 +139,31 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _validate(model, bench, cfg: Config, accelerator: Accelerator) -> dict:
+    """The end-of-run validation metrics, mid-run (``train.eval_every``): a stage-3 model's task metrics,
+    a stage-1/2 model's masked-prediction loss per modality, with the model back in training mode after.
+
+    The global RNG states are restored afterwards, so a run with mid-run validation trains exactly as
+    one without (a DataLoader draws its base seed from the global generator on every ``iter``)."""
+    import random
+
+    import numpy as np
+
+    from workbench.evaluate import evaluate, evaluate_masked
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        model.eval()
+        try:
+            if cfg.train.stage == 3:
+                return evaluate(model, bench, "val", accelerator=accelerator)
+            return evaluate_masked(model, bench, "val", cfg, accelerator=accelerator)
+        finally:
+            model.train()
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 def _write_process_record(
     run_dir: Path, accelerator: Accelerator, model: torch.nn.Module, steps: int, samples: int
 ):
@@ -305,6 +330,7 @@ def train(
     window: dict[str, list[float]] = {}
     norms: list[float] = []  # gradient norms (before clipping) of the updates since the last record
     samples, tic, started = 0, time.perf_counter(), time.perf_counter()
+    eval_seconds = 0.0  # spent in mid-run validation: not training time, nor in samples/s
     local_samples = 0
     micro = 0
     while step < t.steps:
@@ -358,6 +384,22 @@ def train(
             progress.set_postfix(loss=f"{sum(sum(v) / len(v) for v in window.values()):.3f}",
                                  sps=f"{record['samples_per_s']:.0f}")  # fmt: skip
             window, norms, samples, tic = {}, [], 0, time.perf_counter()
+        if t.eval_every and step % t.eval_every == 0 and step < t.steps:  # the last step's comes below
+            t0 = time.perf_counter()
+            val = _validate(inner.model, bench, cfg, accelerator)
+            record = {"step": step} | {
+                f"val/{key}/{name}": value
+                for key, row in val.items()
+                for name, value in row.items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)
+            }  # e.g. val/image/digit/accuracy, val/image/denoise/psnr, val/audio/masked_loss
+            accelerator.log(record, step=step)
+            if accelerator.is_main_process:
+                with history.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            spent = time.perf_counter() - t0
+            eval_seconds += spent
+            tic += spent
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step in (t.steps, stop_after):
             state = {"step": step, "streams": streams.state(), "objective": inner.state()}
             _save_state(accelerator, run_dir, step, state, t.keep_checkpoints)
@@ -367,7 +409,7 @@ def train(
             return None
     progress.close()
 
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - eval_seconds
     model = inner.model
     _write_process_record(run_dir, accelerator, model, step, local_samples)
     model.eval()
