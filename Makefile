@@ -17,11 +17,11 @@ TEST_WORKERS ?= 2
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
 
+# A current pip resolves this set in half the time of Python 3.11's bundled 23.x; --no-compile skips
+# byte-compiling every installed file (torch, transformers, jupyterlab), which was 2 of the 4 minutes
+# a fresh install took here. Modules are compiled on first import instead.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@# A current pip resolves this set in half the time of Python 3.11's bundled 23.x; --no-compile skips
-	@# byte-compiling every installed file (torch, transformers, jupyterlab), which was 2 of the 4 minutes
-	@# a fresh install took here. Modules are compiled on first import instead.
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade 'pip>=25'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
 	@touch $(STAMP)
