@@ -94,8 +94,8 @@ def _stage(
 # The full profile's stage 3 runs 3,000 updates (stages 1 and 2: the profile's 1,500), the most that
 # keeps the profile's plan under 2 hours on 2 jobs. Accuracy is bound by stage 3's updates: the 7
 # classification tasks share them, and each sees a few epochs. From one full-profile stage-2 checkpoint
-# (seed 0, test split), 4,000 updates against 1,500: mean of 7 90.6% vs 77.3% (image digit 96.2 vs
-# 91.0, text digit 97.5 vs 54.8, video digit 80.4 vs 47.2). README, "Where things stand".
+# (seed 0, test split): mean of 7 87.7% at 3,000 updates, 90.6% at 4,000 (130 min plan), 77.3% at
+# 1,500; video digit 73.2 / 80.4 / 47.2. README, "Where things stand".
 FULL_STAGE3_STEPS = 3000
 
 
