@@ -156,13 +156,32 @@ def _weights(run_dir):
     return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
 
 
+def _validation_records(run, steps: list[int], metric: str) -> None:
+    """``train.eval_every`` wrote ``val/<key>/<metric>`` records at exactly ``steps``, one per evaluated
+    key of the run's own end-of-run validation, and left the training records as they were."""
+    records = [json.loads(line) for line in (run.run_dir / "history.jsonl").read_text().splitlines()]
+    val = [r for r in records if any(k.startswith("val/") for k in r)]
+    assert [r["step"] for r in val] == steps  # not at the last step: that one is metrics.json
+    for r in val:
+        logged = {k[len("val/") : -len(f"/{metric}")] for k in r if k.endswith(f"/{metric}")}
+        assert logged == {k for k, row in run.metrics["val"].items() if metric in row}
+        assert all(0 <= r[k] <= 1 for k in r if k.endswith("/accuracy"))
+    assert all("lr" not in r for r in val) and any("lr" in r for r in records)
+
+
 @pytest.mark.parametrize("options", [(), ("train.single_stream=0", "train.layer_decay=0.75")])
 def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path, options):
     cfg = _cfg(3, "train.steps=12", "train.checkpoint_every=4", "train.balance_window=3", *options)
     full = train(cfg, tmp_path / "full")
-    if not options:  # same seed, same metrics: once is enough (a whole extra run); resume is per option
-        again = train(cfg, tmp_path / "again")
+    if not options:  # same seed, same result: once is enough (a whole extra run); resume is per option
+        # ... also with mid-run validation, which must not change the training (eval mode, RNG draws)
+        watched = _cfg(3, "train.steps=12", "train.checkpoint_every=4", "train.balance_window=3",
+                       "train.eval_every=5")  # fmt: skip
+        again = train(watched, tmp_path / "again")
         assert full.metrics["test"] == again.metrics["test"]
+        a, b = _weights(full.run_dir), _weights(again.run_dir)
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+        _validation_records(again, [5, 10], "accuracy")
 
     assert train(cfg, tmp_path / "resumed", stop_after=6) is None  # interrupted after update 6
     assert not (tmp_path / "resumed" / "checkpoint").exists()
@@ -174,26 +193,15 @@ def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path, options
         assert (a[k] == b[k]).all(), k
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_mid_run_validation_is_logged_and_changes_nothing(tmp_path, stage):
-    """``train.eval_every=N`` validates every N updates into history.jsonl; the weights and the final
-    metrics equal those of a run without it (evaluation must not move the training RNG)."""
-    plain = train(_cfg(stage, "train.steps=8", "train.log_every=4"), tmp_path / "plain")
-    watched = train(
-        _cfg(stage, "train.steps=8", "train.log_every=4", "train.eval_every=3"), tmp_path / "watched"
-    )
+def test_mid_run_validation_of_a_pretraining_stage(tmp_path):
+    """Stage 1/2 validate their masked-prediction loss mid-run, as at the end, and train as without it
+    (stage 3's case is in the same-seed test above)."""
+    plain = train(_cfg(1, "train.steps=8"), tmp_path / "plain")
+    watched = train(_cfg(1, "train.steps=8", "train.eval_every=3"), tmp_path / "watched")
     a, b = _weights(plain.run_dir), _weights(watched.run_dir)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert plain.metrics["val"] == watched.metrics["val"]
-    records = [json.loads(line) for line in (watched.run_dir / "history.jsonl").read_text().splitlines()]
-    val = [r for r in records if any(k.startswith("val/") for k in r)]
-    assert [r["step"] for r in val] == [3, 6]  # not at 8: the end-of-run metrics are metrics.json
-    metric = "accuracy" if stage == 3 else "masked_loss"
-    keys = {k.split("/")[1] + "/" + k.split("/")[2] for r in val for k in r if k.endswith(f"/{metric}")}
-    expected = {k for k, row in watched.metrics["val"].items() if metric in row}
-    assert keys == {k if stage == 3 else f"{k}/{metric}" for k in expected}
-    assert all(0 <= r[k] <= 1 for r in val for k in r if k.endswith("/accuracy"))
-    assert [r["step"] for r in records if "lr" in r] == [4, 8]  # training records unchanged
+    _validation_records(watched, [3, 6], "masked_loss")
 
 
 def test_stage3_reads_text_in_larger_batches_by_default(tmp_path):
