@@ -139,9 +139,19 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _split_metrics(model, bench, cfg: Config, split: str, accelerator: Accelerator) -> dict:
+    """A stage's metrics on ``split``: stage 3's task metrics, stage 1/2's masked-prediction loss per
+    modality."""
+    from workbench.evaluate import evaluate, evaluate_masked
+
+    if cfg.train.stage == 3:
+        return evaluate(model, bench, split, accelerator=accelerator)
+    return evaluate_masked(model, bench, split, cfg, accelerator=accelerator)
+
+
 def _validate(model, bench, cfg: Config, accelerator: Accelerator) -> dict:
-    """The end-of-run validation metrics, mid-run (``train.eval_every``): a stage-3 model's task metrics,
-    a stage-1/2 model's masked-prediction loss per modality, with the model back in training mode after.
+    """The end-of-run validation metrics, mid-run (``train.eval_every``), with the model back in
+    training mode after.
 
     The global RNG states are restored afterwards, so a run with mid-run validation trains exactly as
     one without (a DataLoader draws its base seed from the global generator on every ``iter``)."""
@@ -149,15 +159,11 @@ def _validate(model, bench, cfg: Config, accelerator: Accelerator) -> dict:
 
     import numpy as np
 
-    from workbench.evaluate import evaluate, evaluate_masked
-
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         model.eval()
         try:
-            if cfg.train.stage == 3:
-                return evaluate(model, bench, "val", accelerator=accelerator)
-            return evaluate_masked(model, bench, "val", cfg, accelerator=accelerator)
+            return _split_metrics(model, bench, cfg, "val", accelerator)
         finally:
             model.train()
             random.setstate(py_state)
@@ -226,7 +232,6 @@ def train(
     would (no checkpoint, no evaluation; returns None): tests resume from there.
     """
     from workbench.data import load_benchmark, make_loader
-    from workbench.evaluate import evaluate, evaluate_masked
     from workbench.model import build_model
     from workbench.model.text_tokenizer import TextTokenizer
 
@@ -324,6 +329,13 @@ def train(
             if line.strip() and json.loads(line)["step"] <= step
         ]  # fmt: skip
         history.write_text("".join(line + "\n" for line in kept))
+
+    def publish(record: dict) -> None:  # to the trackers and, once, to history.jsonl
+        accelerator.log(record, step=record["step"])
+        if accelerator.is_main_process:
+            with history.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
     progress = tqdm(
         total=t.steps, initial=step, disable=not accelerator.is_local_main_process, desc=f"stage {t.stage}"
     )
@@ -377,10 +389,7 @@ def train(
                 record["clipped"] = sum(n > t.clip_grad for n in norms) / len(norms)
             if hasattr(inner, "balancer"):
                 record |= {f"weight/{k}": w for k, w in inner.balancer.weights().items()}
-            accelerator.log(record, step=step)
-            if accelerator.is_main_process:
-                with history.open("a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+            publish(record)
             progress.set_postfix(loss=f"{sum(sum(v) / len(v) for v in window.values()):.3f}",
                                  sps=f"{record['samples_per_s']:.0f}")  # fmt: skip
             window, norms, samples, tic = {}, [], 0, time.perf_counter()
@@ -393,10 +402,7 @@ def train(
                 for name, value in row.items()
                 if isinstance(value, (int, float)) and not isinstance(value, bool)
             }  # e.g. val/image/digit/accuracy, val/image/denoise/psnr, val/audio/masked_loss
-            accelerator.log(record, step=step)
-            if accelerator.is_main_process:
-                with history.open("a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+            publish(record)
             spent = time.perf_counter() - t0
             eval_seconds += spent
             tic += spent
@@ -413,12 +419,8 @@ def train(
     model = inner.model
     _write_process_record(run_dir, accelerator, model, step, local_samples)
     model.eval()
-    if t.stage == 3:
-        metrics = {split: evaluate(model, bench, split, accelerator=accelerator) for split in ("val", "test")}
-    else:
-        metrics = {
-            split: evaluate_masked(model, bench, split, cfg, accelerator=accelerator) for split in ("val",)
-        }
+    splits = ("val", "test") if t.stage == 3 else ("val",)
+    metrics = {split: _split_metrics(model, bench, cfg, split, accelerator) for split in splits}
     metrics |= {"stage": t.stage, "steps": step, "train_seconds": seconds, "initialised_from": str(init or ""),
                 "loaded_components": loaded}  # fmt: skip
     checkpoint = run_dir / "checkpoint"
