@@ -162,6 +162,168 @@ def test_audio_patches_do_not_depend_on_batch_padding():
     assert both.padding is not None and not both.padding[1, :n].any() and both.padding[1, n:].all()
 
 
+def _spectrogram_patches(patcher: AudioPatcher, spec: torch.Tensor, frames: list[int]):
+    """Patches of a given (B, T, n_mels) log-mel (T a multiple of the patch's frames), as the patcher
+    lays them out, with time patches past each row's ``frames`` marked as padding."""
+    from workbench.model.patching import Patches, grid_coords
+
+    B, T = spec.shape[:2]
+    gt, pt, pf, gf = T // patcher.pt, patcher.pt, patcher.pf, patcher.gf
+    values = spec.reshape(B, gt, pt, gf, pf).transpose(2, 3).reshape(B, gt * gf, pt * pf)
+    valid_t = (torch.tensor(frames) + pt - 1) // pt
+    padding = torch.arange(gt).repeat_interleave(gf)[None] >= valid_t[:, None]
+    return Patches(values, padding, (gt, gf), grid_coords((gt, gf)))
+
+
+def _as_spectrogram(patcher: AudioPatcher, values: torch.Tensor, gt: int) -> torch.Tensor:
+    B = values.shape[0]
+    v = values.reshape(B, gt, patcher.gf, patcher.pt, patcher.pf).transpose(2, 3)
+    return v.reshape(B, gt * patcher.pt, patcher.gf * patcher.pf)
+
+
+def test_spec_warp_scales_a_formant_by_the_drawn_ratio():
+    """model.spec_warp=w: each clip's frequencies are scaled by one factor in [1 - w, 1 + w] (VTLP), so
+    a band at a bin of centre frequency c lands near c x factor, in Hz; factors above and below 1 are
+    drawn; every frame of a clip moves alike; with no masks nothing is zeroed; the passed generator
+    alone decides the draw."""
+    cfg = load_config(overrides=["model.preset=tiny", "model.spec_warp=0.2"]).model
+    patcher = AudioPatcher(cfg)
+    B, T, k = 64, 4 * patcher.pt, 20
+    spec = torch.zeros(B, T, cfg.n_mels)
+    spec[:, :, k] = 1.0  # one bright band in every frame
+    p = _spectrogram_patches(patcher, spec, [T] * B)
+    out = _as_spectrogram(patcher, patcher.augment(p, torch.Generator().manual_seed(0)).values, 4)
+    centroid = (out[:, 0] * torch.arange(cfg.n_mels)).sum(-1) / out[:, 0].sum(-1)  # (B,) fractional bins
+    hz = np.interp(centroid.numpy(), np.arange(cfg.n_mels), patcher.mel_centres.numpy())
+    ratio = hz / patcher.mel_centres[k].item()
+    assert ((ratio > 0.8 - 0.03) & (ratio < 1.2 + 0.03)).all(), ratio
+    assert (ratio > 1.1).any() and (ratio < 0.9).any()  # scaled both ways
+    torch.testing.assert_close(out, out[:, :1].expand_as(out))  # one factor per clip, every frame alike
+    torch.manual_seed(1)
+    again = patcher.augment(p, torch.Generator().manual_seed(0)).values
+    torch.testing.assert_close(_as_spectrogram(patcher, again, 4), out)
+
+
+def test_spec_tilt_adds_one_ramp_per_clip_inside_the_clip_only():
+    """model.spec_tilt=t: each clip's log-mel gains a ramp across the mel bins, the same in every frame
+    of the clip, rising by a drawn s in [-t, t] from the lowest bin to the highest; padding frames keep
+    their values."""
+    cfg = load_config(overrides=["model.preset=tiny", "model.spec_tilt=1.5"]).model
+    patcher = AudioPatcher(cfg)
+    g = torch.Generator().manual_seed(0)
+    B, gt = 64, 4
+    T = gt * patcher.pt
+    frames = [T if i % 2 else patcher.pt for i in range(B)]
+    spec = torch.randn(B, T, cfg.n_mels, generator=g)
+    out = _as_spectrogram(patcher, patcher.augment(_spectrogram_patches(patcher, spec, frames), g).values, gt)
+    added = out - spec
+    ramp = torch.linspace(-0.5, 0.5, cfg.n_mels)
+    rises = []
+    for i, n in enumerate(frames):
+        rise = (added[i, 0, -1] - added[i, 0, 0]).item()
+        torch.testing.assert_close(added[i, :n], (rise * ramp).expand(n, -1), atol=1e-5, rtol=0)
+        assert (added[i, n:] == 0).all()
+        rises.append(rise)
+    assert max(rises) > 0.5 and min(rises) < -0.5 and max(map(abs, rises)) <= 1.5 + 1e-5
+
+
+def test_spec_masks_zero_whole_bands_and_spans_inside_the_clip_only():
+    """SpecAugment (model.spec_freq_mask / spec_time_mask): zeroed cells form at most two bands of
+    whole mel bins and two spans of whole frames, each no wider than its setting; spans fall inside the
+    clip's frames; every other value is unchanged."""
+    cfg = load_config(
+        overrides=["model.preset=tiny", "model.spec_freq_mask=5", "model.spec_time_mask=4"]
+    ).model
+    patcher = AudioPatcher(cfg)
+    g = torch.Generator().manual_seed(0)
+    B, gt = 32, 5
+    T = gt * patcher.pt
+    frames = [T if i % 2 else 2 * patcher.pt for i in range(B)]  # every other clip is 2 patches long
+    spec = torch.rand(B, T, cfg.n_mels, generator=g) + 1.0  # no zero anywhere, even in the padding
+    p = _spectrogram_patches(patcher, spec, frames)
+    out = _as_spectrogram(patcher, patcher.augment(p, g).values, gt)
+    zero = out == 0
+    widths = []
+    for i, n in enumerate(frames):
+        z = zero[i, :n]
+        bins = z.all(0)  # bins zeroed in every frame of the clip
+        rows = z.all(1)  # frames zeroed in every bin
+        assert torch.equal(z, bins[None] | rows[:, None])  # nothing zeroed outside bands and spans
+        for mask, width in ((bins, 5), (rows, 4)):
+            edges = torch.diff(mask.int(), prepend=torch.zeros(1, dtype=torch.int32)).clamp(min=0).sum()
+            assert edges <= 2 and mask.sum() <= 2 * width
+        widths.append(int(rows.sum()))
+        torch.testing.assert_close(out[i, :n][~z], spec[i, :n][~z])
+        torch.testing.assert_close(out[i, n:], spec[i, n:] * ~bins)  # no time span past the clip
+    assert max(widths) > 0 and zero.any()
+
+
+def test_image_shift_moves_each_image_by_at_most_k_pixels_over_a_black_border():
+    """model.image_shift=k: each image's content moves by one offset in [-k, k] along each axis (all
+    offsets drawn over a batch), the uncovered border is black, and nothing else changes."""
+    cfg = load_config(overrides=["model.preset=tiny", "model.image_shift=2"]).model
+    patcher = ImagePatcher(cfg)
+    B = 200
+    x = torch.zeros(B, 1, 28, 28)
+    x[:, 0, 10:14, 12:15] = torch.rand(B, 4, 3) + 0.5  # a blob away from the borders
+    p = patcher(x)
+    out = patcher.unpatchify(patcher.augment(p, torch.Generator().manual_seed(0)).values, (1, 28, 28))
+    out = out * cfg.image_norm[1] + cfg.image_norm[0]  # back to pixels
+    torch.testing.assert_close(out.sum((1, 2, 3)), x.sum((1, 2, 3)))  # the blob is moved, not cut
+    offsets = set()
+    for b in range(B):
+        r, c = torch.nonzero(out[b, 0] > 0.25).min(0).values.tolist()
+        dy, dx = r - 10, c - 12
+        assert max(abs(dy), abs(dx)) <= 2
+        torch.testing.assert_close(out[b, 0, 10 + dy : 14 + dy, 12 + dx : 15 + dx], x[b, 0, 10:14, 12:15])
+        offsets.add((dy, dx))
+    assert len(offsets) == 25  # every offset of the 5 x 5 window
+    edge = torch.ones(1, 1, 28, 28)  # a white image: the uncovered border reads black
+    moved = patcher.unpatchify(
+        patcher.augment(patcher(edge), torch.Generator().manual_seed(1)).values, (1, 28, 28)
+    )
+    black = (moved * cfg.image_norm[1] + cfg.image_norm[0]).abs() < 1e-5
+    assert 0 < black.sum() <= 28 * 28 - 24 * 24
+
+
+def test_augmentation_runs_in_training_only_and_on_classification_batches_only():
+    """The model augments a batch's patches only in training mode and only for a classification task:
+    eval tokens equal a fresh patcher's, a dense task's input (image/denoise, whose target would have to
+    move with it) and text never change, and with every setting at 0 no random number is drawn."""
+    from workbench.modalities import default_tasks
+    from workbench.model import build_model
+    from workbench.model.synthetic import synthetic_batch
+
+    tasks = {t.key: t for t in default_tasks()}
+    keys = ("audio/digit", "image/digit", "image/denoise", "text/digit")
+    batches = {k: synthetic_batch(tasks[k], 4) for k in keys}
+    noise = ["model.spec_warp=0.1", "model.spec_time_mask=3", "model.image_shift=2"]
+    cfg = load_config(overrides=["model.preset=tiny", *noise, "model.text_unk=0", "model.text_shift=0"])
+    model = build_model(cfg, list(tasks.values())).eval()
+    with torch.no_grad():
+        still = {k: model.tokenize(b)[1] for k, b in batches.items()}
+        model.train()
+        moved = {k: model.tokenize(b, torch.Generator().manual_seed(0))[1] for k, b in batches.items()}
+        model.eval()
+        again = {k: model.tokenize(b)[1] for k, b in batches.items()}
+    for k in keys:
+        torch.testing.assert_close(again[k], still[k])
+    assert not torch.allclose(moved["audio/digit"], still["audio/digit"])
+    assert not torch.allclose(moved["image/digit"], still["image/digit"])
+    torch.testing.assert_close(moved["image/denoise"], still["image/denoise"])
+    torch.testing.assert_close(moved["text/digit"], still["text/digit"])
+    off = load_config(overrides=["model.preset=tiny"]).model
+    gen = torch.Generator().manual_seed(0)
+    before = gen.get_state()
+    for patcher, b in (
+        (AudioPatcher(off), batches["audio/digit"]),
+        (ImagePatcher(off), batches["image/digit"]),
+    ):
+        p = patcher(b.x, b.lengths)
+        assert patcher.augment(p, gen) is p
+    assert torch.equal(gen.get_state(), before)
+
+
 # ------------------------------------------------------------------------------------------ patching
 def test_patchify_unpatchify_are_inverse():
     x = torch.randn(2, 3, 28, 28)

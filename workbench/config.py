@@ -155,6 +155,15 @@ class ModelConfig:
     text_unk: float = 0.1  # training only: share of words hidden behind [UNK] (word dropout; off: 0)
     max_text_tokens: int = 64  # longer text is rejected, never silently truncated
     text_shift: int = 8  # training only: each phrase's positions start at a random offset in [0, K] (off: 0)
+    # Training only, on the batches of classification tasks (dense targets would move with their
+    # inputs): augmentation per sample by the patchers (ImagePatcher / AudioPatcher.augment). Off: 0.
+    image_shift: int = 0  # images moved by up to this many pixels along each axis
+    spec_warp: float = 0.0  # mel axis stretched by a factor in [1 - w, 1 + w] (a voice's formants move)
+    spec_tilt: float = (
+        0.0  # a ramp across the mel bins, its end-to-end rise drawn in [-t, t] (normalised units)
+    )
+    spec_freq_mask: int = 0  # two bands of up to this many mel bins zeroed (SpecAugment)
+    spec_time_mask: int = 0  # two spans of up to this many STFT frames zeroed (SpecAugment)
     tokenizer: str = "specific"  # specific (one per modality) | unified (Meta-Transformer Data2Seq)
     task_head: str = "specific"  # specific (one per modality/task) | unified (Uni-Perceiver) | autoencoder
     fusion: str = "hybrid"  # hybrid (OmniVec2 cross-attention) | early (one joint sequence) | late (none)
@@ -231,6 +240,11 @@ class ModelConfig:
         _check_range("model.dropout", self.dropout, 0.0, 1.0)
         _check_range("model.drop_path", self.drop_path, 0.0, 1.0)
         _check_range("model.text_shift", self.text_shift, 0, 256)
+        _check_range("model.image_shift", self.image_shift, 0, IMAGE_SIZE // 2)
+        _check_range("model.spec_warp", self.spec_warp, 0.0, 0.5)
+        _check_range("model.spec_tilt", self.spec_tilt, 0.0, 10.0)
+        _check_range("model.spec_freq_mask", self.spec_freq_mask, 0, self.n_mels)
+        _check_range("model.spec_time_mask", self.spec_time_mask, lo=0)
         _check_choice("model.text_vocab", self.text_vocab, ("word", "bpe"))
         _check_range("model.text_unk", self.text_unk, 0.0, 0.9)
         if IMAGE_SIZE % self.patch_size:

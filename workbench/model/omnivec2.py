@@ -286,11 +286,14 @@ class OmniVec2(nn.Module):
         self, batch: Batch, generator: torch.Generator | None = None
     ) -> tuple[Patches, Tensor, Tensor]:
         """-> patches, tokens (B, N, dim) with positions, token coordinates (N, k). ``generator`` draws
-        the training-time text noise (``model.text_unk`` word dropout, ``model.text_shift`` position
-        offsets); None: the global generator."""
+        the training-time noise (the patchers' augmentation, ``model.text_unk`` word dropout,
+        ``model.text_shift`` position offsets); None: the global generator."""
         if batch.modality not in self.patchers:
             raise ConfigError(f"the model has no tokenizer for {batch.modality!r}; it has {self.modalities}")
         p = self.patchers[batch.modality](batch.x, batch.lengths)
+        task = self.tasks.get(batch.key)
+        if self.training and task is not None and task.kind == "classification":  # dense targets would move
+            p = self.patchers[batch.modality].augment(p, generator)
         seen = self._word_dropout(batch.modality, p, generator)
         x, coords = self.tokenizers.embed(batch.modality, seen, self._shift(batch.modality, p, generator))
         return p, x, coords

@@ -19,7 +19,7 @@ padding of variable-length inputs (audio frames) is always at the end of a row.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from workbench.config import ModelConfig
 from workbench.errors import MediaError
 from workbench.modalities import IMAGE_SIZE, SAMPLE_RATE, VIDEO_FRAMES, VIDEO_SIZE
-from workbench.model.audio import frames_for, log_mel, mel_filterbank
+from workbench.model.audio import frames_for, hz_to_mel, log_mel, mel_filterbank
 from workbench.model.text_tokenizer import MASK_ID, SPECIAL_TOKENS
 
 
@@ -106,6 +106,11 @@ class Patcher(nn.Module):
         None when the target is not a picture on the grid (dense heads then predict from the pooled token)."""
         return None
 
+    def augment(self, p: Patches, generator: torch.Generator | None = None) -> Patches:
+        """Training-time augmentation of a batch's patches (the model calls it in training mode only,
+        with the training loop's seeded generator). The base patcher leaves them as they are."""
+        return p
+
     def unpatchify(self, values: Tensor, shape: tuple[int, ...]) -> Tensor:
         raise NotImplementedError
 
@@ -132,9 +137,26 @@ class ImagePatcher(Patcher):
         self.patch_numel = self.p * self.p
         self.patch_shape = (self.p, self.p)
         self.max_tokens = self.g * self.g
+        self.shift = cfg.image_shift
 
     def describe(self) -> str:
         return f"{self.g} x {self.g} patches of {self.p}x{self.p} pixels, 2-D positions"
+
+    def augment(self, p: Patches, generator: torch.Generator | None = None) -> Patches:
+        """Each image moved by a whole number of pixels drawn in [-image_shift, image_shift] along each
+        axis, the uncovered border filled with the background (black). The draw is made on the CPU from
+        ``generator``; 0 draws nothing."""
+        if not self.shift:
+            return p
+        (gh, gw), B, s, dev = p.grid, p.values.shape[0], self.shift, p.values.device
+        image = unpatchify_2d(p.values, 1, self.p, self.p, gh, gw)[:, 0]  # (B, H, W), standardised
+        H, W = image.shape[1:]
+        padded = nn.functional.pad(image, (s, s, s, s), value=-self.mean / self.std)
+        dy, dx = torch.randint(0, 2 * s + 1, (2, B), generator=generator).to(dev)
+        rows = (torch.arange(H, device=dev)[None] + dy[:, None])[:, :, None]  # (B, H, 1)
+        cols = (torch.arange(W, device=dev)[None] + dx[:, None])[:, None, :]  # (B, 1, W)
+        moved = padded[torch.arange(B, device=dev)[:, None, None], rows, cols]  # (B, H, W)
+        return replace(p, values=patchify_2d(moved[:, None], self.p))
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Patches:
         # Smaller sides that are whole patches are accepted too (IMP's per-update resolution variation,
@@ -245,6 +267,8 @@ class AudioPatcher(Patcher):
         self.register_buffer("fb", fb, persistent=False)  # (n_mels, n_fft//2+1), rebuilt from the config
         self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
         self.register_buffer("mel_centres", centres, persistent=False)
+        self.warp, self.tilt = cfg.spec_warp, cfg.spec_tilt
+        self.freq_mask, self.time_mask = cfg.spec_freq_mask, cfg.spec_time_mask
 
     def describe(self) -> str:
         return (
@@ -276,6 +300,71 @@ class AudioPatcher(Patcher):
         padding = t_of_token[None] >= valid_t[:, None]  # (B, N)
         grid = (gt, self.gf)
         return Patches(values, padding if padding.any() else None, grid, grid_coords(grid, x.device))
+
+    def augment(self, p: Patches, generator: torch.Generator | None = None) -> Patches:
+        """Per clip, on the normalised log-mel, in this order (each off at 0, when it draws nothing):
+
+        * ``spec_warp``: every frequency scaled by a factor drawn in [1 - w, 1 + w] (vocal tract
+          length perturbation, Jaitly & Hinton 2013: a longer or shorter vocal tract moves the
+          formants by a ratio), read off the mel bins by linear interpolation; on the mel scale a
+          ratio is a shift of a few bins at high frequencies and of a fraction of one at low ones;
+        * ``spec_tilt``: a ramp across the mel bins rising by s drawn in [-t, t] from the lowest to
+          the highest (normalised units: a brighter or duller voice), inside the clip's frames;
+        * SpecAugment's masks (Park et al. 2019): two bands of up to ``spec_freq_mask`` mel bins and
+          two spans of up to ``spec_time_mask`` frames inside the clip set to 0, the clip's mean.
+
+        Every draw is made on the CPU from ``generator``."""
+        if not (self.warp or self.tilt or self.freq_mask or self.time_mask):
+            return p
+        B, gt, gf, pt, pf = p.values.shape[0], p.grid[0], self.gf, self.pt, self.pf
+        spec = p.values.reshape(B, gt, gf, pt, pf).transpose(2, 3).reshape(B, gt * pt, gf * pf)
+        T, F, dev = spec.shape[1], spec.shape[2], spec.device
+        if self.warp:
+            factor = 1.0 + self.warp * (2.0 * torch.rand(B, generator=generator, dtype=torch.float64) - 1.0)
+            # output bin k shows the frequency centre_k / factor: its fractional index on the mel grid
+            mel = hz_to_mel(self.mel_centres.cpu().double()[None] / factor[:, None])  # (B, F)
+            first, last = hz_to_mel(self.mel_centres[0].item()), hz_to_mel(self.mel_centres[-1].item())
+            src = ((mel - first) / (last - first) * (F - 1)).clamp(0, F - 1).float()
+            lo = src.floor().long()
+            frac = (src - lo).to(dev, spec.dtype)[:, None]  # (B, 1, F)
+            lo, hi = (
+                lo.to(dev)[:, None].expand(B, T, F),
+                (lo + 1).clamp(max=F - 1).to(dev)[:, None].expand(B, T, F),
+            )
+            spec = spec.gather(2, lo) * (1 - frac) + spec.gather(2, hi) * frac
+        frames = (
+            torch.full((B,), T)
+            if p.padding is None
+            else (~p.padding.cpu()).view(B, gt, gf)[:, :, 0].sum(1) * pt
+        )
+        if self.tilt:
+            slope = self.tilt * (2.0 * torch.rand(B, generator=generator) - 1.0)  # (B,)
+            ramp = slope[:, None, None] * torch.linspace(-0.5, 0.5, F)[None, None]  # (B, 1, F)
+            inside = (torch.arange(T)[None] < frames[:, None]).unsqueeze(-1)  # (B, T, 1): padding stays 0
+            spec = spec + (ramp * inside).to(dev, spec.dtype)
+        keep = torch.ones(B, T, F, dtype=torch.bool)
+        if self.freq_mask:
+            keep &= ~_spans(B, F, torch.full((B,), F), self.freq_mask, generator)[:, None, :]
+        if self.time_mask:
+            keep &= ~_spans(B, T, frames, self.time_mask, generator)[:, :, None]
+        spec = spec * keep.to(dev, spec.dtype)
+        values = spec.reshape(B, gt, pt, gf, pf).transpose(2, 3).reshape(p.values.shape)
+        return replace(p, values=values)
+
+
+def _spans(
+    rows: int, size: int, extent: Tensor, width: int, generator: torch.Generator | None, n: int = 2
+) -> Tensor:
+    """(rows, size) bool: per row, ``n`` spans of a width drawn in [0, width], each starting at a
+    point drawn so that it lies inside the row's first ``extent`` positions (SpecAugment's masks)."""
+    hit = torch.zeros(rows, size, dtype=torch.bool)
+    pos = torch.arange(size)[None]
+    for _ in range(n):
+        w = torch.randint(0, width + 1, (rows,), generator=generator)
+        w = torch.minimum(w, extent)
+        start = (torch.rand(rows, generator=generator) * (extent - w + 1)).floor().long()
+        hit |= (pos >= start[:, None]) & (pos < (start + w)[:, None])
+    return hit
 
 
 class TextPatcher(Patcher):
