@@ -97,6 +97,21 @@ def test_a_stage_notebook_resolves_the_defaults_of_its_own_stage(tmp_path):
     assert cfg.train.lr == 1e-3  # explicit values still win
 
 
+def test_stage_config_takes_the_network_from_the_checkpoint_and_the_overrides_on_top(tmp_path):
+    """With an upstream checkpoint the model section is the checkpoint's (its widths), and the notebook's
+    overrides still apply over it, as over `workbench train --init`: a training-time model setting is
+    not silently replaced by the checkpoint's value."""
+    from workbench.config import load_config, save_config
+
+    save_config(load_config(overrides=["model.preset=tiny", "model.depth_f=2"]), tmp_path / "ckpt")
+    overrides = ["model.spec_warp=0.2", "train.steps=7"]
+    params = {"preset": "small", "output_dir": str(tmp_path), "overrides": overrides}
+    cfg = wn.stage_config(wn.setup(params, stage=3), 3, tmp_path / "ckpt", overrides)
+    assert (cfg.model.preset, cfg.model.dim, cfg.model.depth_f) == ("tiny", 32, 2)  # the checkpoint's network
+    assert cfg.model.spec_warp == 0.2 and cfg.train.steps == 7  # and the notebook's overrides
+    assert wn.stage_config(wn.setup(params, stage=3), 3, tmp_path / "ckpt").model.spec_warp == 0.0
+
+
 def test_setup_checks_checkpoint_directories(tmp_path):
     with pytest.raises(CheckpointError, match="init_checkpoint"):
         wn.setup({"init_checkpoint": str(tmp_path / "nope")})

@@ -157,6 +157,8 @@ class ModelConfig:
     text_shift: int = 8  # training only: each phrase's positions start at a random offset in [0, K] (off: 0)
     # Training only, on the batches of classification tasks (dense targets would move with their
     # inputs): augmentation per sample by the patchers (ImagePatcher / AudioPatcher.augment). Off: 0.
+    # The full profile sets spec_warp=0.2 (audio alone, 600 updates: audio digit 89.2% vs 87.0%); the
+    # masks, tilt and shift lost in the same probe (README, Training).
     image_shift: int = 0  # images moved by up to this many pixels along each axis
     spec_warp: float = 0.0  # mel axis stretched by a factor in [1 - w, 1 + w] (a voice's formants move)
     spec_tilt: float = (

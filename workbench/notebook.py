@@ -478,13 +478,17 @@ def write_summary(
 
 
 # --------------------------------------------------------------------------------------- training
-def stage_config(cfg: Config, stage: int, init_checkpoint: str | Path | None = None) -> Config:
+def stage_config(
+    cfg: Config, stage: int, init_checkpoint: str | Path | None = None, overrides: Sequence[str] = ()
+) -> Config:
     """``cfg`` for training ``stage``; with an upstream checkpoint, its network config (so the weights fit).
 
     As with ``workbench train --init`` the model section comes from the checkpoint and the training
-    settings do not (the CLI also takes data and seed from it; here the notebook's parameters set them).
+    settings do not (the CLI also takes data and seed from it; here the notebook's parameters set them),
+    and the notebook's ``overrides`` then apply on top, as the CLI's do: a training-time model setting
+    such as ``model.spec_warp=0.2`` reaches the run instead of being replaced by the checkpoint's.
     """
-    from workbench.config import from_dict, read_saved_config, to_dict
+    from workbench.config import load_config, read_saved_config, to_dict
 
     data = to_dict(cfg)
     if init_checkpoint:
@@ -494,7 +498,7 @@ def stage_config(cfg: Config, stage: int, init_checkpoint: str | Path | None = N
                                   "(no config.json); pass RUN/checkpoint of the upstream stage")  # fmt: skip
         data["model"] = read_saved_config(saved)["model"]
     data["train"]["stage"] = stage
-    return from_dict(data)
+    return load_config(base=data, overrides=overrides)
 
 
 def fresh_dir(path: str | Path) -> Path:
