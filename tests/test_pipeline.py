@@ -15,7 +15,12 @@ import pytest
 
 from workbench.cli import main
 from workbench.errors import ConfigError
-from workbench.report import NotebookFailed, NotebookSpec, run_pipeline
+from workbench.report import (
+    NotebookFailed,
+    NotebookSpec,
+    default_notebooks_dir,
+    run_pipeline,
+)
 from workbench.report.registry import DEFAULT_REGISTRY, critical_path, plan, validate
 
 STAGE_PARAMS = """\
@@ -453,3 +458,24 @@ def test_cli_bad_override_exits_2_before_any_kernel(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.preset" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("profile", ["tiny", "quick", "full"])
+def test_every_notebook_parameter_set_resolves_to_a_valid_config(profile, tmp_path):
+    """Each real notebook's parameters for each profile (the profile's defaults, the notebook's own, such as
+    the full profile's stage-3 overrides) pass the notebooks' own validation: a typo in a profile's
+    override surfaces here, not two hours into a full run."""
+    from workbench import notebook as wn
+    from workbench.report.pipeline import declared_parameters, notebook_parameters
+    from workbench.report.registry import input_refs
+
+    checked = 0
+    for spec in DEFAULT_REGISTRY:
+        path = default_notebooks_dir() / spec.path
+        params = notebook_parameters(spec, profile, tmp_path, declared_parameters(path))
+        for wired in input_refs(spec):  # upstream artifacts that do not exist outside a pipeline run
+            params.pop(wired)
+        stage = int(spec.name[1]) if spec.name[:2] in ("01", "02", "03") else None
+        wn.setup(params, stage=stage)
+        checked += 1
+    assert checked == len(DEFAULT_REGISTRY)
