@@ -294,12 +294,23 @@ class AudioPatcher(Patcher):
         gt = int(valid_t.max())
         T = gt * self.pt
         spec = spec[:, :T] if spec.shape[1] >= T else nn.functional.pad(spec, (0, 0, 0, T - spec.shape[1]))
-        values = spec.reshape(B, gt, self.pt, self.gf, self.pf).permute(0, 1, 3, 2, 4)  # (B, gt, gf, pt, pf)
-        values = values.reshape(B, gt * self.gf, self.patch_numel)  # (B, N, pt*pf)
+        values = self._patchify(spec)
         t_of_token = torch.arange(gt, device=x.device).repeat_interleave(self.gf)  # (N,)
         padding = t_of_token[None] >= valid_t[:, None]  # (B, N)
         grid = (gt, self.gf)
         return Patches(values, padding if padding.any() else None, grid, grid_coords(grid, x.device))
+
+    def _patchify(self, spec: Tensor) -> Tensor:
+        """(B, gt * pt, n_mels) log-mel -> (B, gt * gf, pt * pf) patches, time-major."""
+        B, gt = spec.shape[0], spec.shape[1] // self.pt
+        values = spec.reshape(B, gt, self.pt, self.gf, self.pf).transpose(2, 3)  # (B, gt, gf, pt, pf)
+        return values.reshape(B, gt * self.gf, self.patch_numel)
+
+    def _spectrogram(self, values: Tensor) -> Tensor:
+        """Inverse of :meth:`_patchify`."""
+        B, gt = values.shape[0], values.shape[1] // self.gf
+        v = values.reshape(B, gt, self.gf, self.pt, self.pf).transpose(2, 3)  # (B, gt, pt, gf, pf)
+        return v.reshape(B, gt * self.pt, self.gf * self.pf)
 
     def augment(self, p: Patches, generator: torch.Generator | None = None) -> Patches:
         """Per clip, on the normalised log-mel, in this order (each off at 0, when it draws nothing):
@@ -316,14 +327,14 @@ class AudioPatcher(Patcher):
         Every draw is made on the CPU from ``generator``."""
         if not (self.warp or self.tilt or self.freq_mask or self.time_mask):
             return p
-        B, gt, gf, pt, pf = p.values.shape[0], p.grid[0], self.gf, self.pt, self.pf
-        spec = p.values.reshape(B, gt, gf, pt, pf).transpose(2, 3).reshape(B, gt * pt, gf * pf)
-        T, F, dev = spec.shape[1], spec.shape[2], spec.device
+        spec = self._spectrogram(p.values)  # (B, T, F)
+        (B, T, F), dev = spec.shape, spec.device
         if self.warp:
             factor = 1.0 + self.warp * (2.0 * torch.rand(B, generator=generator, dtype=torch.float64) - 1.0)
-            # output bin k shows the frequency centre_k / factor: its fractional index on the mel grid
+            # output bin k shows the frequency centre_k / factor: its fractional index on the mel grid,
+            # whose centres are equally spaced in mel
             mel = hz_to_mel(self.mel_centres.cpu().double()[None] / factor[:, None])  # (B, F)
-            first, last = hz_to_mel(self.mel_centres[0].item()), hz_to_mel(self.mel_centres[-1].item())
+            first, last = hz_to_mel(self.mel_centres.cpu()[[0, -1]])
             src = ((mel - first) / (last - first) * (F - 1)).clamp(0, F - 1).float()
             lo = src.floor().long()
             frac = (src - lo).to(dev, spec.dtype)[:, None]  # (B, 1, F)
@@ -332,10 +343,10 @@ class AudioPatcher(Patcher):
                 (lo + 1).clamp(max=F - 1).to(dev)[:, None].expand(B, T, F),
             )
             spec = spec.gather(2, lo) * (1 - frac) + spec.gather(2, hi) * frac
-        frames = (
+        frames = (  # STFT frames in each clip's time patches
             torch.full((B,), T)
             if p.padding is None
-            else (~p.padding.cpu()).view(B, gt, gf)[:, :, 0].sum(1) * pt
+            else (~p.padding.cpu()).view(B, -1, self.gf)[:, :, 0].sum(1) * self.pt
         )
         if self.tilt:
             slope = self.tilt * (2.0 * torch.rand(B, generator=generator) - 1.0)  # (B,)
@@ -347,9 +358,7 @@ class AudioPatcher(Patcher):
             keep &= ~_spans(B, F, torch.full((B,), F), self.freq_mask, generator)[:, None, :]
         if self.time_mask:
             keep &= ~_spans(B, T, frames, self.time_mask, generator)[:, :, None]
-        spec = spec * keep.to(dev, spec.dtype)
-        values = spec.reshape(B, gt, pt, gf, pf).transpose(2, 3).reshape(p.values.shape)
-        return replace(p, values=values)
+        return replace(p, values=self._patchify(spec * keep.to(dev, spec.dtype)))
 
 
 def _spans(
