@@ -17,16 +17,18 @@ TEST_WORKERS ?= 2
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
 
-# A current pip resolves this set in half the time of Python 3.11's bundled 23.x. pip byte-compiles
-# every installed file on one core (2 of the 4 minutes a fresh install took here); compileall does it on
-# all of them. The .pyc files must exist: with PYTHONDONTWRITEBYTECODE set, as on CI machines here, no
-# process writes them, and every kernel and subprocess would compile torch again (the suite ran 30% slower).
-# Compile errors are ignored, as pip ignores them (files meant for other Python versions).
+# A current pip resolves this set in half the time of Python 3.11's bundled 23.x. Bytecode: with
+# PYTHONDONTWRITEBYTECODE set (as on CI machines here) no process writes .pyc files, and every kernel and
+# subprocess compiled torch again (the suite ran 30% slower). Byte-compiling all 2.3 GB of the venv up
+# front (pip's default, or compileall) costs ~1 min; instead the recipes below run with the variable
+# unset, so the first process to import a module writes its .pyc and every later one reads it (~15 s
+# for what the suite imports).
+unexport PYTHONDONTWRITEBYTECODE
+
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade 'pip>=25'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
-	@$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') > /dev/null 2>&1 || true
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install the project (skipped when up to date)
