@@ -495,6 +495,16 @@ def test_dense_refiner_starts_as_the_identity_and_corrects_from_the_input_at_ful
     expected = torch.zeros(28, 28, dtype=torch.bool)
     expected[7:14, 9:16] = True
     assert torch.equal(changed, expected)
+    deeper = model_for("tiny", "model.dense_refine=8", "model.dense_refine_depth=5", tasks=TASKS)
+    refiner5 = deeper.refiners["image/denoise"]
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in refiner5.net) == 5
+    torch.nn.init.normal_(refiner5.net[-1].weight, std=0.1)
+    with torch.no_grad():
+        changed = (refiner5(coarse, moved) - refiner5(coarse, x)).abs().sum((0, 1)) > 0
+    expected[5:16, 7:18] = True  # five: the 11x11 neighbourhood
+    assert torch.equal(changed, expected)
+    with pytest.raises(ConfigError, match="dense_refine_depth"):
+        load_config(overrides=["model.dense_refine_depth=1"])
     with pytest.raises(ValueError, match="needs the batch's input"):
         model._predict("image/denoise", torch.zeros(1, 49, 32), None, torch.zeros(49, 2))
     with pytest.raises(ValueError, match="on the prediction's grid"):

@@ -127,6 +127,7 @@ class ModelConfig:
     # Width of the input-guided refiner on image dense outputs (heads.DenseRefiner; 0 = off: the head's
     # per-token pixels are the prediction). `small` sets it (README, Training).
     dense_refine: int = 0
+    dense_refine_depth: int = 3  # the refiner's 3x3 convolutions (>= 2): it reads 2*depth+1 pixels across
     init: str = "trunc_normal"  # transformer Linear weights: trunc_normal (std 0.02, timm ViT) | xavier (MAE)
     zero_fusion: bool = False  # zero-initialise A's output projections: fusion starts as the identity
     dropout: float = 0.0  # dropout on attention weights and MLP/projection outputs
@@ -213,6 +214,7 @@ class ModelConfig:
         ):
             _check_range(f"model.{name}", getattr(self, name), lo=1)
         _check_range("model.dense_refine", self.dense_refine, lo=0)
+        _check_range("model.dense_refine_depth", self.dense_refine_depth, lo=2)
         _check_range("model.mlp_ratio", self.mlp_ratio, lo=0.01)
         _check_range("model.max_audio_seconds", self.max_audio_seconds, lo=0.01)
         _check_range("model.text_vocab_size", self.text_vocab_size, lo=5)  # 4 special ids + one piece

@@ -222,7 +222,7 @@ class OmniVec2(nn.Module):
         with torch.random.fork_rng(devices=[]):
             self.refiners = nn.ModuleDict(
                 {
-                    t.key: DenseRefiner(t.shape[0], cfg.dense_refine)
+                    t.key: DenseRefiner(t.shape[0], cfg.dense_refine, cfg.dense_refine_depth)
                     for t in tasks
                     if cfg.dense_refine and t.kind == "dense" and t.modality == "image" and len(t.shape) == 3
                 }

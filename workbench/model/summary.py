@@ -30,8 +30,8 @@ def describe(model: OmniVec2) -> str:
         f"{cfg.decoder_dim}",
         *(
             [
-                f"  refiners    {', '.join(model.refiners)}: 3 convolutions 3x3 at {cfg.dense_refine} over the "
-                "prediction and the input, added to the prediction"
+                f"  refiners    {', '.join(model.refiners)}: {cfg.dense_refine_depth} convolutions 3x3 at "
+                f"{cfg.dense_refine} over the prediction and the input, added to the prediction"
             ]
             if len(model.refiners)
             else []
