@@ -528,6 +528,15 @@ def test_dense_refiner_round_trips_and_older_checkpoints_and_runs_load_without_o
     assert old.config.model.dense_refine == 0 and not old.refiners
     # a run's saved config (--resume, --init, evaluate) is upgraded the same way
     assert read_saved_config(tmp_path / "old" / "config.json")["model"]["dense_refine"] == 0
+    # a refiner saved before model.dense_refine_depth had three convolutions, whatever the preset says now
+    three = model_for("small", "model.dense_refine_depth=3")
+    three.save_pretrained(tmp_path / "three")
+    meta = json.loads((tmp_path / "three" / "config.json").read_text())
+    del meta["model"]["dense_refine_depth"]
+    (tmp_path / "three" / "config.json").write_text(json.dumps(meta))
+    reloaded = OmniVec2.from_pretrained(tmp_path / "three")  # strict: the weights fit the network
+    assert reloaded.config.model.dense_refine_depth == 3
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in reloaded.refiners["image/denoise"].net) == 3
 
 
 def test_head_pool_reads_the_token_mean_or_the_cls_and_old_checkpoints_keep_cls(tmp_path):

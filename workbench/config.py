@@ -295,12 +295,15 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # each made by a small CNN (tokenizers.PooledStem). Default chain (600/600/1,000), seed 0:
     # image/digit 80.6% vs 56.6%, video/digit 44.4% vs 31.6%, mean of 7 70.9% vs 63.5%, in 12 min 8 s vs
     # 14 min 31 s; denoise (+0.5 vs +1.9 dB) and video/motion (95.8% vs 99.2%) lost (README, Training).
+    # The refiner's nine convolutions (19x19 pixels: the occluder needs context) gave denoise +5.63 vs
+    # +3.67 dB over its input in the full profile's stage 3 (README, Training and "Where things stand").
     "small": dict(
         patch_size=7,
         video_patch=16,
         stem={"image": "both", "video": "conv"},
         stem_trunk="pooled",
         dense_refine=32,
+        dense_refine_depth=9,
     ),
     "base": dict(  # ViT-Base f (768 wide, 12 blocks, 12 heads); A and g at 576 = 12 heads x 48
         dim=768,
@@ -705,6 +708,7 @@ def upgrade_model_keys(model: dict[str, Any]) -> None:
     model.setdefault("head_pool", "cls")  # before model.head_pool: heads read the CLS token
     model.setdefault("stem_trunk", "strided")  # before model.stem_trunk: the strided stem
     model.setdefault("dense_refine", 0)  # before model.dense_refine: no refiner
+    model.setdefault("dense_refine_depth", 3)  # before model.dense_refine_depth: three convolutions
     stem = model.get("stem", "linear")  # before model.stem: linear patch projections
     if isinstance(stem, str):  # before the per-signal mapping: one kind for model.stem_modalities
         # (before model.stem_modalities: a conv stem embedded every signal)
