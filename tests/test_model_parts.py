@@ -181,6 +181,19 @@ def _as_spectrogram(patcher: AudioPatcher, values: torch.Tensor, gt: int) -> tor
     return v.reshape(B, gt * patcher.pt, patcher.gf * patcher.pf)
 
 
+def _warped_band(patcher: AudioPatcher, k: int, B: int = 64, gt: int = 4):
+    """Clips whose every frame holds one bright mel band k, warped (generator seed 0): the patches,
+    each clip's ratio (Hz of the band's centroid after / before) and the warped spectrograms."""
+    T, F = gt * patcher.pt, patcher.fb.shape[0]
+    spec = torch.zeros(B, T, F)
+    spec[:, :, k] = 1.0
+    p = _spectrogram_patches(patcher, spec, [T] * B)
+    out = _as_spectrogram(patcher, patcher.augment(p, torch.Generator().manual_seed(0)).values, gt)
+    centroid = (out[:, 0] * torch.arange(F)).sum(-1) / out[:, 0].sum(-1)  # (B,) fractional bins
+    hz = np.interp(centroid.numpy(), np.arange(F), patcher.mel_centres.numpy())
+    return p, hz / patcher.mel_centres[k].item(), out
+
+
 def test_spec_warp_scales_a_formant_by_the_drawn_ratio():
     """model.spec_warp=w: each clip's frequencies are scaled by one factor in [1 - w, 1 + w] (VTLP), so
     a band at a bin of centre frequency c lands near c x factor, in Hz; factors above and below 1 are
@@ -188,20 +201,33 @@ def test_spec_warp_scales_a_formant_by_the_drawn_ratio():
     alone decides the draw."""
     cfg = load_config(overrides=["model.preset=tiny", "model.spec_warp=0.2"]).model
     patcher = AudioPatcher(cfg)
-    B, T, k = 64, 4 * patcher.pt, 20
-    spec = torch.zeros(B, T, cfg.n_mels)
-    spec[:, :, k] = 1.0  # one bright band in every frame
-    p = _spectrogram_patches(patcher, spec, [T] * B)
-    out = _as_spectrogram(patcher, patcher.augment(p, torch.Generator().manual_seed(0)).values, 4)
-    centroid = (out[:, 0] * torch.arange(cfg.n_mels)).sum(-1) / out[:, 0].sum(-1)  # (B,) fractional bins
-    hz = np.interp(centroid.numpy(), np.arange(cfg.n_mels), patcher.mel_centres.numpy())
-    ratio = hz / patcher.mel_centres[k].item()
+    p, ratio, out = _warped_band(patcher, 20)
     assert ((ratio > 0.8 - 0.03) & (ratio < 1.2 + 0.03)).all(), ratio
     assert (ratio > 1.1).any() and (ratio < 0.9).any()  # scaled both ways
     torch.testing.assert_close(out, out[:, :1].expand_as(out))  # one factor per clip, every frame alike
     torch.manual_seed(1)
     again = patcher.augment(p, torch.Generator().manual_seed(0)).values
     torch.testing.assert_close(_as_spectrogram(patcher, again, 4), out)
+
+
+def test_spec_warp_ends_moves_low_and_high_bands_by_different_ratios():
+    """model.spec_warp_ends: the lowest and highest mel bins draw their factors apart (each in
+    [1 - w, 1 + w]), so a low and a high band of one clip move by different ratios, both ways across
+    clips, while without it both bands of a clip move by the same ratio."""
+    ratios = {}
+    for ends in (False, True):
+        overrides = ["model.preset=tiny", "model.spec_warp=0.2", f"model.spec_warp_ends={ends}"]
+        cfg = load_config(overrides=overrides).model
+        patcher = AudioPatcher(cfg)
+        low, high = (_warped_band(patcher, k)[1] for k in (6, cfg.n_mels - 6))
+        for r in (low, high):
+            assert ((r > 0.8 - 0.04) & (r < 1.2 + 0.04)).all(), r
+        ratios[ends] = (low, high)
+    low, high = ratios[False]
+    np.testing.assert_allclose(low, high, atol=0.03)  # one factor per clip
+    low, high = ratios[True]
+    gap = high - low
+    assert (gap > 0.1).any() and (gap < -0.1).any()  # the ends drawn apart: either band may move more
 
 
 def test_spec_tilt_adds_one_ramp_per_clip_inside_the_clip_only():

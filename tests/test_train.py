@@ -278,3 +278,19 @@ def test_evaluate_by_template_splits_each_text_total_into_its_phrasings(three_st
     assert all(name in printed for name in metrics["text/digit"]["by_template"])  # under its task's line
     assert main(["evaluate", "--checkpoint", str(ckpt), "--by", "colour"]) == 2
     assert "no task of this benchmark has a column 'colour'" in capsys.readouterr().err
+
+
+def test_evaluate_by_voice_names_the_held_out_variants(three_stages):
+    """``--by voice``: audio accuracy per eSpeak variant, named, the test split's variants only."""
+    from workbench.data import load_benchmark
+    from workbench.data.digits import split_voices
+    from workbench.evaluate import accuracy_by
+    from workbench.inference import Predictor
+
+    cfg = load_config([three_stages[2].run_dir / "config.yaml"])
+    model = Predictor.from_checkpoint(three_stages[2].checkpoint).model
+    groups = accuracy_by(model, load_benchmark(cfg.data, seed=cfg.seed), "voice", "test")
+    assert set(groups) == {"audio/digit", "audio/language"}  # the only tables with the column
+    for key, rows in groups.items():
+        assert sorted(rows) == sorted(split_voices(cfg.seed, cfg.data.scale)["test"]), key
+        assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] > 0 for r in rows.values())

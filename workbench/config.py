@@ -162,6 +162,7 @@ class ModelConfig:
     # masks, tilt and shift lost in the same probe (README, Training).
     image_shift: int = 0  # images moved by up to this many pixels along each axis
     spec_warp: float = 0.0  # mel axis stretched by a factor in [1 - w, 1 + w] (a voice's formants move)
+    spec_warp_ends: bool = False  # the warp's factor drawn apart at the lowest and highest bin, blended
     spec_tilt: float = (
         0.0  # a ramp across the mel bins, its end-to-end rise drawn in [-t, t] (normalised units)
     )

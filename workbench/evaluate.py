@@ -187,11 +187,16 @@ def evaluate_masked(
 
 
 def _group_names(column: str, values: torch.Tensor) -> list[str]:
-    """Readable names of a provenance column's values (text templates by name, others as numbers)."""
+    """Readable names of a provenance column's values (text templates and eSpeak voice variants by
+    name, others as numbers)."""
     if column == "template":
         from workbench.data.phrases import TEMPLATES
 
         return [TEMPLATES[int(v)].name for v in values]
+    if column == "voice":
+        from workbench.data.speech import VOICE_VARIANTS
+
+        return [VOICE_VARIANTS[int(v)][0] for v in values]
     return [str(int(v)) for v in values]
 
 

@@ -267,7 +267,7 @@ class AudioPatcher(Patcher):
         self.register_buffer("fb", fb, persistent=False)  # (n_mels, n_fft//2+1), rebuilt from the config
         self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
         self.register_buffer("mel_centres", centres, persistent=False)
-        self.warp, self.tilt = cfg.spec_warp, cfg.spec_tilt
+        self.warp, self.tilt, self.warp_ends = cfg.spec_warp, cfg.spec_tilt, cfg.spec_warp_ends
         self.freq_mask, self.time_mask = cfg.spec_freq_mask, cfg.spec_time_mask
 
     def describe(self) -> str:
@@ -319,6 +319,8 @@ class AudioPatcher(Patcher):
           length perturbation, Jaitly & Hinton 2013: a longer or shorter vocal tract moves the
           formants by a ratio), read off the mel bins by linear interpolation; on the mel scale a
           ratio is a shift of a few bins at high frequencies and of a fraction of one at low ones;
+          with ``spec_warp_ends`` the lowest and the highest bin draw their factors apart and the
+          bins between take the log-linear blend (low and high formants move by different ratios);
         * ``spec_tilt``: a ramp across the mel bins rising by s drawn in [-t, t] from the lowest to
           the highest (normalised units: a brighter or duller voice), inside the clip's frames;
         * SpecAugment's masks (Park et al. 2019): two bands of up to ``spec_freq_mask`` mel bins and
@@ -330,10 +332,17 @@ class AudioPatcher(Patcher):
         spec = self._spectrogram(p.values)  # (B, T, F)
         (B, T, F), dev = spec.shape, spec.device
         if self.warp:
-            factor = 1.0 + self.warp * (2.0 * torch.rand(B, generator=generator, dtype=torch.float64) - 1.0)
-            # output bin k shows the frequency centre_k / factor: its fractional index on the mel grid,
+            draws = 2 if self.warp_ends else 1
+            ends = 1.0 + self.warp * (
+                2.0 * torch.rand(B, draws, generator=generator, dtype=torch.float64) - 1.0
+            )
+            factor = ends  # (B, 1): one ratio for every frequency
+            if self.warp_ends:  # (B, F): log-linear along the mel axis from the lowest bin's to the highest's
+                t = torch.linspace(0.0, 1.0, F, dtype=torch.float64)[None]
+                factor = torch.exp(ends[:, :1].log() * (1 - t) + ends[:, 1:].log() * t)
+            # output bin k shows the frequency centre_k / factor_k: its fractional index on the mel grid,
             # whose centres are equally spaced in mel
-            mel = hz_to_mel(self.mel_centres.cpu().double()[None] / factor[:, None])  # (B, F)
+            mel = hz_to_mel(self.mel_centres.cpu().double()[None] / factor)  # (B, F)
             first, last = hz_to_mel(self.mel_centres.cpu()[[0, -1]])
             src = ((mel - first) / (last - first) * (F - 1)).clamp(0, F - 1).float()
             lo = src.floor().long()
