@@ -22,13 +22,21 @@ help:  ## list the targets
 # subprocess compiled torch again (the suite ran 30% slower). Byte-compiling all 2.3 GB of the venv up
 # front (pip's default, or compileall) costs ~1 min; instead the recipes below run with the variable
 # unset, so the first process to import a module writes its .pyc and every later one reads it (~15 s
-# for what the suite imports).
+# for what the suite imports). Commands typed outside make (`.venv/bin/workbench train ...`) keep the
+# variable, so the install also writes the .pyc of what the commands import, in two processes at once
+# (WARM_TORCH and WARM_UI, ~30 s once): without them every such process compiled ~3,000 modules again
+# (a 1-update stage 3 with its evaluation: 47 s against 27 s).
 unexport PYTHONDONTWRITEBYTECODE
+WARM_TORCH := torch._dynamo workbench.cli workbench.train.loop workbench.evaluate workbench.adapt \
+	workbench.bench workbench.inference workbench.notebook matplotlib.pyplot
+WARM_UI := gradio papermill nbconvert plotly.graph_objects ipykernel.kernelapp workbench.report.pipeline
+IMPORT := $(PY) -c "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade 'pip>=25'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
+	$(IMPORT) $(WARM_UI) & ui=$$!; $(IMPORT) $(WARM_TORCH) && wait $$ui
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install the project (skipped when up to date)

@@ -284,6 +284,45 @@ def test_spec_masks_zero_whole_bands_and_spans_inside_the_clip_only():
     assert max(widths) > 0 and zero.any()
 
 
+def test_wave_echo_adds_three_decaying_taps_and_grows_the_clip_by_its_tail():
+    """model.wave_echo=e: each clip's waveform gains copies of itself delayed by d, 2d and 3d with
+    gains a, a^2 and a^3 (a drawn in [0, e], d in ``wave_echo_ms``, per clip); the clip's length grows
+    by 3d, never past ``max_audio_seconds``; samples past the grown length stay 0."""
+    cfg = load_config(
+        overrides=["model.preset=tiny", "model.wave_echo=0.6", "model.wave_echo_ms=[10,40]"]
+    ).model
+    patcher = AudioPatcher(cfg)
+    B, L = 64, 2000
+    lengths = torch.tensor([L if i % 2 else 700 for i in range(B)])
+    x = torch.zeros(B, L)
+    x[:, 3] = 1.0  # an impulse: its echo is the impulse response
+    x[:, 5] = -0.5
+    y, grown = patcher.augment_input(x, lengths, torch.Generator().manual_seed(0))
+    lo, hi = (round(ms * SAMPLE_RATE / 1000) for ms in cfg.wave_echo_ms)
+    amps, delays = [], []
+    for i in range(B):
+        row = y[i]
+        d = int(torch.nonzero(row[6:]).min()) + 6 - 3  # the first echo of the impulse at sample 3
+        a = row[3 + d].item()
+        assert lo <= d <= hi and 0 <= a <= 0.6
+        expected = x[i].clone()
+        expected = torch.nn.functional.pad(expected, (0, y.shape[1] - L))
+        for k in (1, 2, 3):
+            expected[3 + k * d] += a**k
+            expected[5 + k * d] += -0.5 * a**k
+        torch.testing.assert_close(row, expected, atol=1e-6, rtol=1e-5)
+        assert grown[i] == lengths[i] + 3 * d
+        amps.append(a)
+        delays.append(d)
+    assert min(amps) < 0.15 and max(amps) > 0.45 and len(set(delays)) > 20
+    long = torch.zeros(2, patcher.max_samples)
+    long[:, -1] = 1.0  # a full-length clip: its tail is cut at the model's limit
+    y, grown = patcher.augment_input(long, None, torch.Generator().manual_seed(0))
+    assert y.shape[1] == patcher.max_samples and (grown == patcher.max_samples).all()
+    torch.testing.assert_close(y, long)  # every echo of the last sample falls past the limit
+    patcher(y, grown)  # and the model takes it
+
+
 def test_image_shift_moves_each_image_by_at_most_k_pixels_over_a_black_border():
     """model.image_shift=k: each image's content moves by one offset in [-k, k] along each axis (all
     offsets drawn over a batch), the uncovered border is black, and nothing else changes."""
@@ -323,7 +362,7 @@ def test_augmentation_runs_in_training_only_and_on_classification_batches_only()
     tasks = {t.key: t for t in default_tasks()}
     keys = ("audio/digit", "image/digit", "image/denoise", "text/digit")
     batches = {k: synthetic_batch(tasks[k], 4) for k in keys}
-    noise = ["model.spec_warp=0.1", "model.spec_time_mask=3", "model.image_shift=2"]
+    noise = ["model.spec_warp=0.1", "model.spec_time_mask=3", "model.image_shift=2", "model.wave_echo=0.5"]
     cfg = load_config(overrides=["model.preset=tiny", *noise, "model.text_unk=0", "model.text_shift=0"])
     model = build_model(cfg, list(tasks.values())).eval()
     with torch.no_grad():
@@ -334,7 +373,8 @@ def test_augmentation_runs_in_training_only_and_on_classification_batches_only()
         again = {k: model.tokenize(b)[1] for k, b in batches.items()}
     for k in keys:
         torch.testing.assert_close(again[k], still[k])
-    assert not torch.allclose(moved["audio/digit"], still["audio/digit"])
+    a, b = moved["audio/digit"], still["audio/digit"]
+    assert a.shape != b.shape or not torch.allclose(a, b)  # the echo's tail may add tokens
     assert not torch.allclose(moved["image/digit"], still["image/digit"])
     torch.testing.assert_close(moved["image/denoise"], still["image/denoise"])
     torch.testing.assert_close(moved["text/digit"], still["text/digit"])
@@ -347,6 +387,8 @@ def test_augmentation_runs_in_training_only_and_on_classification_batches_only()
     ):
         p = patcher(b.x, b.lengths)
         assert patcher.augment(p, gen) is p
+        x, lengths = patcher.augment_input(b.x, b.lengths, gen)
+        assert x is b.x and lengths is b.lengths
     assert torch.equal(gen.get_state(), before)
 
 

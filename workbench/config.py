@@ -159,7 +159,7 @@ class ModelConfig:
     # Training only, on the batches of classification tasks (dense targets would move with their
     # inputs): augmentation per sample by the patchers (ImagePatcher / AudioPatcher.augment). Off: 0.
     # The full profile sets spec_warp=0.2 (audio alone, 600 updates: audio digit 89.2% vs 87.0%); the
-    # masks, tilt and shift lost in the same probe (README, Training).
+    # masks, tilt, shift and echo lost in the same probe (README, Training).
     image_shift: int = 0  # images moved by up to this many pixels along each axis
     spec_warp: float = 0.0  # mel axis stretched by a factor in [1 - w, 1 + w] (a voice's formants move)
     spec_warp_ends: bool = False  # the warp's factor drawn apart at the lowest and highest bin, blended
@@ -168,6 +168,8 @@ class ModelConfig:
     )
     spec_freq_mask: int = 0  # two bands of up to this many mel bins zeroed (SpecAugment)
     spec_time_mask: int = 0  # two spans of up to this many STFT frames zeroed (SpecAugment)
+    wave_echo: float = 0.0  # waveform echo, 3 taps: amplitude drawn in [0, e], its powers for taps 2, 3
+    wave_echo_ms: list[float] = field(default_factory=lambda: [20.0, 150.0])  # its delay drawn in [lo, hi] ms
     tokenizer: str = "specific"  # specific (one per modality) | unified (Meta-Transformer Data2Seq)
     task_head: str = "specific"  # specific (one per modality/task) | unified (Uni-Perceiver) | autoencoder
     fusion: str = "hybrid"  # hybrid (OmniVec2 cross-attention) | early (one joint sequence) | late (none)
@@ -250,6 +252,11 @@ class ModelConfig:
         _check_range("model.spec_tilt", self.spec_tilt, 0.0, 10.0)
         _check_range("model.spec_freq_mask", self.spec_freq_mask, 0, self.n_mels)
         _check_range("model.spec_time_mask", self.spec_time_mask, lo=0)
+        _check_range("model.wave_echo", self.wave_echo, 0.0, 0.95)
+        if len(self.wave_echo_ms) != 2 or not 0.0 < self.wave_echo_ms[0] <= self.wave_echo_ms[1] <= 500.0:
+            raise ConfigError(
+                f"model.wave_echo_ms={self.wave_echo_ms} must be [lo, hi] ms with 0 < lo <= hi <= 500"
+            )
         _check_choice("model.text_vocab", self.text_vocab, ("word", "bpe"))
         _check_range("model.text_unk", self.text_unk, 0.0, 0.9)
         if IMAGE_SIZE % self.patch_size:

@@ -290,10 +290,17 @@ class OmniVec2(nn.Module):
         ``model.text_shift`` position offsets); None: the global generator."""
         if batch.modality not in self.patchers:
             raise ConfigError(f"the model has no tokenizer for {batch.modality!r}; it has {self.modalities}")
-        p = self.patchers[batch.modality](batch.x, batch.lengths)
+        patcher = self.patchers[batch.modality]
         task = self.tasks.get(batch.key)
-        if self.training and task is not None and task.kind == "classification":  # dense targets would move
-            p = self.patchers[batch.modality].augment(p, generator)
+        augment = (
+            self.training and task is not None and task.kind == "classification"
+        )  # dense targets would move
+        x, lengths = (
+            patcher.augment_input(batch.x, batch.lengths, generator) if augment else (batch.x, batch.lengths)
+        )
+        p = patcher(x, lengths)
+        if augment:
+            p = patcher.augment(p, generator)
         seen = self._word_dropout(batch.modality, p, generator)
         x, coords = self.tokenizers.embed(batch.modality, seen, self._shift(batch.modality, p, generator))
         return p, x, coords

@@ -106,6 +106,13 @@ class Patcher(nn.Module):
         None when the target is not a picture on the grid (dense heads then predict from the pooled token)."""
         return None
 
+    def augment_input(
+        self, x: Tensor, lengths: Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Training-time augmentation of a batch's raw input, before patching (called like
+        :meth:`augment`, and before it). The base patcher leaves it as it is."""
+        return x, lengths
+
     def augment(self, p: Patches, generator: torch.Generator | None = None) -> Patches:
         """Training-time augmentation of a batch's patches (the model calls it in training mode only,
         with the training loop's seeded generator). The base patcher leaves them as they are."""
@@ -269,6 +276,8 @@ class AudioPatcher(Patcher):
         self.register_buffer("mel_centres", centres, persistent=False)
         self.warp, self.tilt, self.warp_ends = cfg.spec_warp, cfg.spec_tilt, cfg.spec_warp_ends
         self.freq_mask, self.time_mask = cfg.spec_freq_mask, cfg.spec_time_mask
+        self.echo = cfg.wave_echo
+        self.echo_samples = [round(ms * SAMPLE_RATE / 1000) for ms in cfg.wave_echo_ms]
 
     def describe(self) -> str:
         return (
@@ -311,6 +320,36 @@ class AudioPatcher(Patcher):
         B, gt = values.shape[0], values.shape[1] // self.gf
         v = values.reshape(B, gt, self.gf, self.pt, self.pf).transpose(2, 3)  # (B, gt, pt, gf, pf)
         return v.reshape(B, gt * self.pt, self.gf * self.pf)
+
+    def augment_input(
+        self, x: Tensor, lengths: Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``wave_echo``: per clip, a room's echo added to the waveform (reverberation is the standard
+        augmentation for speech heard in rooms, Ko et al. 2017): ``y[n] = x[n] + sum_k a^k x[n - k d]``
+        for taps k = 1..3, the amplitude a drawn in [0, wave_echo] and the delay d in ``wave_echo_ms``.
+        The clip grows by its echo's tail (3 d), up to ``max_audio_seconds``; the log-mel standardises
+        the level. Draws (on the CPU, from ``generator``) only when on."""
+        if not self.echo or x.ndim != 2:
+            return x, lengths
+        B, L = x.shape
+        dev = x.device
+        lengths = torch.full((B,), L, device=dev) if lengths is None else lengths.to(dev).long()
+        amp = self.echo * torch.rand(B, generator=generator, dtype=torch.float64)
+        lo, hi = self.echo_samples
+        delay = torch.randint(lo, hi + 1, (B,), generator=generator).to(dev)
+        taps = 3
+        grown = torch.minimum(lengths + taps * delay, torch.maximum(lengths, torch.tensor(self.max_samples)))
+        out_len = int(grown.max())
+        n = torch.arange(out_len, device=dev)[None]  # (1, L')
+        src = nn.functional.pad(x, (0, max(0, out_len - L)))[:, :out_len]
+        y = src.clone()
+        for k in range(1, taps + 1):
+            idx = n - k * delay[:, None]  # (B, L')
+            inside = (idx >= 0) & (idx < lengths[:, None])
+            gain = (amp**k).to(dev, x.dtype)[:, None]
+            y = y + gain * src.gather(1, idx.clamp(0, out_len - 1)) * inside
+        y = y * (n < grown[:, None])
+        return y, grown
 
     def augment(self, p: Patches, generator: torch.Generator | None = None) -> Patches:
         """Per clip, on the normalised log-mel, in this order (each off at 0, when it draws nothing):
