@@ -4,6 +4,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
+WARMED  := $(VENV)/.bytecode
 PROFILE ?= quick
 JOBS    ?= 2
 OVERRIDES ?=
@@ -23,9 +24,10 @@ help:  ## list the targets
 # front (pip's default, or compileall) costs ~1 min; instead the recipes below run with the variable
 # unset, so the first process to import a module writes its .pyc and every later one reads it (~15 s
 # for what the suite imports). Commands typed outside make (`.venv/bin/workbench train ...`) keep the
-# variable, so the install also writes the .pyc of what the commands import, in two processes at once
-# (WARM_TORCH and WARM_UI, ~30 s once): without them every such process compiled ~3,000 modules again
-# (a 1-update stage 3 with its evaluation: 47 s against 27 s).
+# variable, so every target that leads to them also writes, once, the .pyc of what the commands import
+# ($(WARMED): WARM_TORCH and WARM_UI in two processes at once, ~30 s): without them every such process
+# compiled ~3,000 modules again (a 1-update stage 3 with its evaluation: 47 s against 27 s). `make test`
+# and the lint targets skip it: their recipes write what they import.
 unexport PYTHONDONTWRITEBYTECODE
 WARM_TORCH := torch._dynamo workbench.cli workbench.train.loop workbench.evaluate workbench.adapt \
 	workbench.bench workbench.inference workbench.notebook matplotlib.pyplot
@@ -36,12 +38,15 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade 'pip>=25'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
-	$(IMPORT) $(WARM_UI) & ui=$$!; $(IMPORT) $(WARM_TORCH) && wait $$ui
 	@touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install the project (skipped when up to date)
+$(WARMED): $(STAMP)
+	$(IMPORT) $(WARM_UI) & ui=$$!; $(IMPORT) $(WARM_TORCH) && wait $$ui
+	@touch $(WARMED)
 
-run: $(STAMP)  ## build the data, run the quick notebook pipeline, then serve the app on :7860
+setup: $(WARMED)  ## create .venv and install the project (skipped when up to date)
+
+run: $(WARMED)  ## build the data, run the quick notebook pipeline, then serve the app on :7860
 	$(VENV)/bin/workbench data build
 	$(VENV)/bin/workbench pipeline --profile quick --jobs $(JOBS)
 	@echo "report: reports/latest/index.html"
@@ -60,20 +65,20 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-data: $(STAMP)  ## build the embedded dataset cache
+data: $(WARMED)  ## build the embedded dataset cache
 	$(VENV)/bin/workbench data build
 
-reports: $(STAMP)  ## the notebook pipeline only (PROFILE=quick|full, JOBS=n at once, OVERRIDES="k=v ...")
+reports: $(WARMED)  ## the notebook pipeline only (PROFILE=quick|full, JOBS=n at once, OVERRIDES="k=v ...")
 	$(VENV)/bin/workbench pipeline --profile $(PROFILE) --jobs $(JOBS) $(OVERRIDES)
 
-app: $(STAMP)  ## the Gradio app only (CHECKPOINT=dir, default the newest in runs/)
+app: $(WARMED)  ## the Gradio app only (CHECKPOINT=dir, default the newest in runs/)
 	$(VENV)/bin/workbench app $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
-lab: $(STAMP)  ## JupyterLab with the project's kernel registered
+lab: $(WARMED)  ## JupyterLab with the project's kernel registered
 	$(PY) -m ipykernel install --user --name workbench --display-name "Python (workbench)"
 	$(abspath $(VENV))/bin/jupyter lab --notebook-dir=notebooks
 
-bench: $(STAMP)  ## the benchmark suite -> benchmarks/results/*.json and a markdown table
+bench: $(WARMED)  ## the benchmark suite -> benchmarks/results/*.json and a markdown table
 	$(VENV)/bin/workbench bench
 
 clean:  ## remove runs/, reports/ and caches (keeps .venv)
