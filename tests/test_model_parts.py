@@ -305,8 +305,7 @@ def test_wave_echo_adds_three_decaying_taps_and_grows_the_clip_by_its_tail():
         d = int(torch.nonzero(row[6:]).min()) + 6 - 3  # the first echo of the impulse at sample 3
         a = row[3 + d].item()
         assert lo <= d <= hi and 0 <= a <= 0.6
-        expected = x[i].clone()
-        expected = torch.nn.functional.pad(expected, (0, y.shape[1] - L))
+        expected = torch.nn.functional.pad(x[i], (0, y.shape[1] - L))
         for k in (1, 2, 3):
             expected[3 + k * d] += a**k
             expected[5 + k * d] += -0.5 * a**k

@@ -292,9 +292,8 @@ class OmniVec2(nn.Module):
             raise ConfigError(f"the model has no tokenizer for {batch.modality!r}; it has {self.modalities}")
         patcher = self.patchers[batch.modality]
         task = self.tasks.get(batch.key)
-        augment = (
-            self.training and task is not None and task.kind == "classification"
-        )  # dense targets would move
+        # dense targets would have to move with their inputs: classification batches only
+        augment = self.training and task is not None and task.kind == "classification"
         x, lengths = (
             patcher.augment_input(batch.x, batch.lengths, generator) if augment else (batch.x, batch.lengths)
         )

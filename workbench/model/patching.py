@@ -338,11 +338,11 @@ class AudioPatcher(Patcher):
         lo, hi = self.echo_samples
         delay = torch.randint(lo, hi + 1, (B,), generator=generator).to(dev)
         taps = 3
-        grown = torch.minimum(lengths + taps * delay, torch.maximum(lengths, torch.tensor(self.max_samples)))
+        grown = torch.minimum(lengths + taps * delay, lengths.clamp(min=self.max_samples))
         out_len = int(grown.max())
         n = torch.arange(out_len, device=dev)[None]  # (1, L')
         src = nn.functional.pad(x, (0, max(0, out_len - L)))[:, :out_len]
-        y = src.clone()
+        y = src
         for k in range(1, taps + 1):
             idx = n - k * delay[:, None]  # (B, L')
             inside = (idx >= 0) & (idx < lengths[:, None])
