@@ -29,7 +29,7 @@ help:  ## list the targets
 # compiled ~3,000 modules again (a 1-update stage 3 with its evaluation: 47 s against 27 s). `make test`
 # and the lint targets skip it: their recipes write what they import.
 unexport PYTHONDONTWRITEBYTECODE
-WARM_TORCH := torch._dynamo workbench.cli workbench.train.loop workbench.evaluate workbench.adapt \
+WARM_TORCH := torch._dynamo torchmetrics workbench.cli workbench.train.loop workbench.evaluate workbench.adapt \
 	workbench.bench workbench.inference workbench.notebook matplotlib.pyplot
 WARM_UI := gradio papermill nbconvert plotly.graph_objects ipykernel.kernelapp workbench.report.pipeline
 IMPORT := $(PY) -c "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"

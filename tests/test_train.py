@@ -228,6 +228,17 @@ def test_resume_without_state_is_a_clear_error(tmp_path):
         resolve_run(3, (), TINY, out=str(tmp_path / "nothing"), resume=True)
 
 
+def test_pretraining_stages_start_without_torchmetrics():
+    """Stages 1 and 2 score masked-prediction loss only: a process that trains them never imports
+    torchmetrics (whose package root imports scipy.signal and transformers, ~5 s of every start)."""
+    probe = ("import sys; from workbench import cli; from workbench.train import loop; "
+             "from workbench.evaluate import evaluate_masked; print(sorted(m for m in sys.modules "
+             "if m.split('.')[0] in ('torchmetrics', 'transformers', 'scipy')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_two_process_launch(tmp_path):
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     run = tmp_path / "ddp"

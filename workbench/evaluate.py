@@ -4,6 +4,10 @@ Metrics come from torchmetrics: accuracy and macro-F1 (and the confusion matrix)
 PSNR for dense image tasks, averaged per image, beside the PSNR of the corrupted input so the gain is
 visible. Under data parallelism every process evaluates a shard and ``gather_for_metrics`` collects
 predictions (dropping the padding duplicates Accelerate adds to even out the last batch).
+
+torchmetrics is imported by :func:`evaluate` itself: its package root imports scipy.signal and, where
+installed, transformers (~5 s of a process's start on this CPU), which stages 1 and 2 (masked loss
+only, :func:`evaluate_masked`) never need.
 """
 
 from __future__ import annotations
@@ -11,8 +15,6 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 from torch.utils.data import Dataset
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
-from torchmetrics.image import PeakSignalNoiseRatio
 
 from workbench.config import Config
 from workbench.errors import ConfigError
@@ -90,6 +92,9 @@ def evaluate(
     Tasks that read the same inputs are evaluated in one pass (:func:`shared_input_groups`); each
     head sees exactly the batches it would see alone, so the metrics do not depend on the grouping.
     """
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+    from torchmetrics.image import PeakSignalNoiseRatio
+
     model.eval()
     specs = tasks or [s for s in bench.tasks if s.key in model.tasks]
     results: dict[str, dict] = {}
