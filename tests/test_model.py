@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from workbench.batch import Batch
 from workbench.config import load_config, read_saved_config
@@ -349,6 +350,33 @@ def test_strided_stem_needs_power_of_two_patches_and_the_pooled_one_does_not():
     with torch.no_grad():
         p, x, _ = model.tokenize(batch("image/digit", 2))
     assert p.grid == (4, 4) and x.shape == (2, 16, cfg.model.dim)
+
+
+def test_pooled_stems_run_channels_last_and_compute_what_the_default_layout_does():
+    from workbench.model.tokenizers import PooledStem
+
+    model = model_for("small")
+    for key in ("image/digit", "video/digit"):
+        stem = model.tokenizers[key.split("/")[0]]
+        assert isinstance(stem, PooledStem)
+        layouts: list[bool] = []
+        hook = stem.net[0].register_forward_hook(
+            lambda m, args, out, seen=layouts: seen.append(
+                out.is_contiguous(memory_format=torch.channels_last)
+            )
+        )
+        p = model.patchers[key.split("/")[0]](batch(key, 4).x)
+        signal = grid_to_signal(p.values, p.grid, stem.patch_shape)
+        with torch.no_grad():
+            tokens = stem.embed(signal, p.grid)
+            hook.remove()
+            frames = signal if signal.ndim == 4 else signal.transpose(1, 2).flatten(0, 1)
+            y = frames.contiguous()  # the default layout, level by level
+            y = F.adaptive_max_pool2d(stem.net(y), p.grid[-2:])
+            y = y.reshape(len(signal) * (1 if signal.ndim == 4 else p.grid[0]), -1, *p.grid[-2:])
+            expect = stem.proj(y).flatten(2).transpose(1, 2).reshape(len(signal), -1, tokens.shape[-1])
+        assert layouts == [True], key  # the first convolution's output: every level after it follows
+        assert torch.allclose(tokens, expect, atol=1e-4), (key, (tokens - expect).abs().max())
 
 
 def test_small_reads_images_and_clips_as_16_tokens_through_pooled_stems():
