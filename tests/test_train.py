@@ -13,12 +13,15 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from workbench.config import load_config
+from workbench.errors import ConfigError, WorkbenchError
 from workbench.train import resolve_run, train
 
 pytestmark = pytest.mark.slow
@@ -169,7 +172,11 @@ def _validation_records(run, steps: list[int], metric: str) -> None:
     assert all("lr" not in r for r in val) and any("lr" in r for r in records)
 
 
-@pytest.mark.parametrize("options", [(), ("train.single_stream=0", "train.layer_decay=0.75")])
+@pytest.mark.parametrize(
+    "options",
+    [(), ("train.single_stream=0", "train.layer_decay=0.75"), ("train.ema_decay=0.9",)],
+    ids=["default", "pairs_layer_decay", "ema"],
+)
 def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path, options):
     cfg = _cfg(3, "train.steps=12", "train.checkpoint_every=4", "train.balance_window=3", *options)
     full = train(cfg, tmp_path / "full")
@@ -191,6 +198,9 @@ def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path, options
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] == b[k]).all(), k
+    if "train.ema_decay=0.9" in options:  # the checkpoint is the average, not the last update's weights
+        raw = load_file(str(full.run_dir / "state" / "12" / "model.safetensors"))
+        assert sum(not torch.equal(a[k], raw["model." + k]) for k in a if "model." + k in raw) > len(a) // 2
 
 
 def test_mid_run_validation_of_a_pretraining_stage(tmp_path):
@@ -305,3 +315,36 @@ def test_evaluate_by_voice_names_the_held_out_variants(three_stages):
     for key, rows in groups.items():
         assert sorted(rows) == sorted(split_voices(cfg.seed, cfg.data.scale)["test"]), key
         assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] > 0 for r in rows.values())
+
+
+def test_weight_average_follows_the_warmed_up_decay():
+    """``train.ema_decay``'s average: a copy at the first update, then the lerp with decay
+    min(d, (1 + n) / (10 + n)); saved and loaded with its update count; the live weights untouched."""
+    from workbench.train.averaging import WeightAverage
+
+    net = torch.nn.Linear(3, 2)
+    ema = WeightAverage(net, 0.5)
+    expect = None
+    for n in range(6):
+        with torch.no_grad():
+            net.weight.add_(float(n + 1))  # the optimiser's update n
+        w = net.weight.detach().clone()
+        d = min(0.5, (1 + n) / (10 + n))  # n = updates averaged before this one
+        expect = w if expect is None else d * expect + (1 - d) * w
+        ema.update(net)
+        assert torch.allclose(ema.module.weight, expect), n
+    assert ema.updates == 6 and not ema.module.weight.requires_grad
+    assert not torch.equal(ema.module.weight, net.weight)  # the average trails the live weights
+    other = WeightAverage(torch.nn.Linear(3, 2), 0.5)
+    ema.save(_tmp := Path(tempfile.mkdtemp()))
+    other.load(_tmp)
+    assert other.updates == 6 and torch.equal(other.module.weight, ema.module.weight)
+    shutil.rmtree(_tmp)
+
+
+def test_resume_with_an_average_the_state_lacks_is_a_clear_error(tmp_path):
+    assert train(_cfg(1, "train.steps=3"), tmp_path / "run", stop_after=1) is None
+    with pytest.raises(WorkbenchError, match="holds no weight average"):
+        train(_cfg(1, "train.steps=3", "train.ema_decay=0.99"), tmp_path / "run", resume=True)
+    with pytest.raises(ConfigError, match=r"train.ema_decay=1.0 is outside"):
+        _cfg(1, "train.ema_decay=1.0")

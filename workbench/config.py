@@ -420,6 +420,9 @@ class TrainConfig:
     vary_resolution: bool = True  # alternating: image grid, video frames, audio length drawn per update
     dwa_temperature: float = 2.0  # T in DWA's softmax over loss-descent rates (Liu et al. 2019)
     balance_window: int = 20  # optimiser steps per DWA "epoch" (losses are averaged over a window)
+    # Exponential moving average of the weights (workbench/train/averaging.py): 0 = off; d in (0, 1): the
+    # run validates, evaluates and saves the average, with decay min(d, (1 + n) / (10 + n)) at update n.
+    ema_decay: float = 0.0
     tracker: str = "tensorboard"  # tensorboard | trackio | mlflow | wandb | none
     out: str = ""  # run directory ("" -> runs/<stage>-<timestamp>)
 
@@ -438,6 +441,7 @@ class TrainConfig:
         _check_range("train.layer_decay", self.layer_decay, 0.01, 1.0)
         _check_range("train.mlm_visible_weight", self.mlm_visible_weight, 0.0, 100.0)
         _check_range("train.single_stream", self.single_stream, 0.0, 1.0)
+        _check_range("train.ema_decay", self.ema_decay, 0.0, 0.99999)
         _check_range("train.keep_checkpoints", self.keep_checkpoints, lo=1)
         for key, w in self.task_sampling.items():
             _check_range(f"train.task_sampling.{key}", w, lo=0.0)

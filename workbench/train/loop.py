@@ -11,6 +11,7 @@ A run directory holds::
 
     RUN/config.yaml, RUN/config.json   the resolved config
     RUN/state/<step>/                  Accelerate state (model, optimiser, scheduler, RNG) + trainer_state.json
+                                       (+ ema.safetensors: the weight average, with train.ema_decay)
     RUN/checkpoint/                    the model (config.json, model.safetensors, tokenizer.json)
     RUN/history.jsonl                  one line per logged step: losses, task weights, lr, samples/s
     RUN/metrics.json                   final evaluation
@@ -29,14 +30,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
 
 from workbench.config import Config, save_config, to_dict
-from workbench.errors import WorkbenchError
+from workbench.errors import ConfigError, WorkbenchError
 from workbench.hardware import resolve_precision
+from workbench.train.averaging import WeightAverage
 from workbench.train.objectives import OBJECTIVES, Objective
 from workbench.train.streams import StreamSet
 
@@ -102,7 +104,14 @@ def latest_state(run_dir: Path) -> Path | None:
     return states[-1] if states else None
 
 
-def _save_state(accelerator: Accelerator, run_dir: Path, step: int, trainer_state: dict, keep: int) -> None:
+def _save_state(
+    accelerator: Accelerator,
+    run_dir: Path,
+    step: int,
+    trainer_state: dict,
+    keep: int,
+    ema: WeightAverage | None = None,
+) -> None:
     """Write ``state/<step>`` atomically: into a temporary directory, then one rename.
 
     A kill during the save leaves a ``tmp-`` directory behind, never a broken numbered state, so
@@ -115,7 +124,9 @@ def _save_state(accelerator: Accelerator, run_dir: Path, step: int, trainer_stat
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state))
+        if ema is not None:  # every rank holds the same average (same updates): the main one writes it
+            ema.save(tmp)
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state))  # last: it marks the state complete
         if final.exists():  # the same step saved again (a resumed run): move the old one aside first,
             old = run_dir / "state" / f"old-{step}"  # so no moment leaves a half-deleted numbered state
             shutil.rmtree(old, ignore_errors=True)
@@ -288,6 +299,14 @@ def train(
     optimizer, scheduler = build_optimizer(objective, cfg)
     objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
     inner: Objective = accelerator.unwrap_model(objective)
+    ema = None
+    if t.ema_decay > 0:
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ConfigError(
+                "train.ema_decay averages whole weights, which FSDP and DeepSpeed shard across processes; "
+                "set train.ema_decay=0 or train with DDP"
+            )
+        ema = WeightAverage(inner.model, t.ema_decay)
 
     def make_stream_loader(key: str):
         modality, task = key.split("/", 1)
@@ -318,6 +337,13 @@ def train(
         step = saved["step"]
         streams.load_state(saved["streams"])
         inner.load_state(saved["objective"])
+        if ema is not None:
+            if not WeightAverage.saved_in(state_dir):
+                raise WorkbenchError(
+                    f"--resume: the saved state {state_dir} holds no weight average (train.ema_decay was 0 "
+                    "when it was saved); resume with train.ema_decay=0 or start the run again"
+                )
+            ema.load(state_dir)
     if t.tracker != "none":
         accelerator.init_trackers("workbench", config=_flat(to_dict(cfg)))
 
@@ -364,6 +390,8 @@ def train(
             optimizer.step()
             if accelerator.sync_gradients:
                 scheduler.step()
+                if ema is not None:
+                    ema.update(inner.model)
             optimizer.zero_grad(set_to_none=True)
         samples += sum(len(b) for b in batches) * accelerator.num_processes
         local_samples += sum(len(b) for b in batches)
@@ -395,7 +423,7 @@ def train(
             window, norms, samples, tic = {}, [], 0, time.perf_counter()
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:  # the last step's comes below
             t0 = time.perf_counter()
-            val = _validate(inner.model, bench, cfg, accelerator)
+            val = _validate(inner.model if ema is None else ema.module, bench, cfg, accelerator)
             record = {"step": step} | {
                 f"val/{key}/{name}": value
                 for key, row in val.items()
@@ -408,7 +436,7 @@ def train(
             tic += spent
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step in (t.steps, stop_after):
             state = {"step": step, "streams": streams.state(), "objective": inner.state()}
-            _save_state(accelerator, run_dir, step, state, t.keep_checkpoints)
+            _save_state(accelerator, run_dir, step, state, t.keep_checkpoints, ema)
         if stop_after is not None and step >= stop_after:
             progress.close()
             accelerator.end_training()
@@ -416,8 +444,8 @@ def train(
     progress.close()
 
     seconds = time.perf_counter() - started - eval_seconds
-    model = inner.model
-    _write_process_record(run_dir, accelerator, model, step, local_samples)
+    _write_process_record(run_dir, accelerator, inner.model, step, local_samples)
+    model = inner.model if ema is None else ema.module  # the average is what the run evaluates and saves
     model.eval()
     splits = ("val", "test") if t.stage == 3 else ("val",)
     metrics = {split: _split_metrics(model, bench, cfg, split, accelerator) for split in splits}
