@@ -13,8 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -317,7 +315,7 @@ def test_evaluate_by_voice_names_the_held_out_variants(three_stages):
         assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] > 0 for r in rows.values())
 
 
-def test_weight_average_follows_the_warmed_up_decay():
+def test_weight_average_follows_the_warmed_up_decay(tmp_path):
     """``train.ema_decay``'s average: a copy at the first update, then the lerp with decay
     min(d, (1 + n) / (10 + n)); saved and loaded with its update count; the live weights untouched."""
     from workbench.train.averaging import WeightAverage
@@ -336,10 +334,9 @@ def test_weight_average_follows_the_warmed_up_decay():
     assert ema.updates == 6 and not ema.module.weight.requires_grad
     assert not torch.equal(ema.module.weight, net.weight)  # the average trails the live weights
     other = WeightAverage(torch.nn.Linear(3, 2), 0.5)
-    ema.save(_tmp := Path(tempfile.mkdtemp()))
-    other.load(_tmp)
+    ema.save(tmp_path)
+    other.load(tmp_path)
     assert other.updates == 6 and torch.equal(other.module.weight, ema.module.weight)
-    shutil.rmtree(_tmp)
 
 
 def test_resume_with_an_average_the_state_lacks_is_a_clear_error(tmp_path):

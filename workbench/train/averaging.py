@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -66,13 +66,11 @@ class WeightAverage:
         from safetensors import safe_open
 
         path = Path(directory) / FILE
-        with safe_open(str(path), "pt") as fh:
-            updates = int(fh.metadata()["updates"])
-        tensors = load_file(str(path))
         params = dict(self.module.named_parameters())
-        if tensors.keys() != params.keys():
-            raise KeyError(f"{path} does not hold this network's parameters")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(tensors[name])
-        self.averaged.n_averaged.fill_(updates)
+        with safe_open(str(path), "pt") as fh:
+            if set(fh.keys()) != params.keys():
+                raise KeyError(f"{path} does not hold this network's parameters")
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(fh.get_tensor(name))
+            self.averaged.n_averaged.fill_(int(fh.metadata()["updates"]))

@@ -307,6 +307,7 @@ def train(
                 "set train.ema_decay=0 or train with DDP"
             )
         ema = WeightAverage(inner.model, t.ema_decay)
+    judged = inner.model if ema is None else ema.module  # what the run validates, evaluates and saves
 
     def make_stream_loader(key: str):
         modality, task = key.split("/", 1)
@@ -423,7 +424,7 @@ def train(
             window, norms, samples, tic = {}, [], 0, time.perf_counter()
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:  # the last step's comes below
             t0 = time.perf_counter()
-            val = _validate(inner.model if ema is None else ema.module, bench, cfg, accelerator)
+            val = _validate(judged, bench, cfg, accelerator)
             record = {"step": step} | {
                 f"val/{key}/{name}": value
                 for key, row in val.items()
@@ -445,7 +446,7 @@ def train(
 
     seconds = time.perf_counter() - started - eval_seconds
     _write_process_record(run_dir, accelerator, inner.model, step, local_samples)
-    model = inner.model if ema is None else ema.module  # the average is what the run evaluates and saves
+    model = judged
     model.eval()
     splits = ("val", "test") if t.stage == 3 else ("val",)
     metrics = {split: _split_metrics(model, bench, cfg, split, accelerator) for split in splits}
