@@ -142,10 +142,13 @@ def _names(model, prefixes):
 
 
 # ----------------------------------------------------------------------------------- masks and padding
-@pytest.mark.parametrize("key", ["audio/digit", "text/digit"])
-def test_padding_does_not_change_a_sample(key):
-    """A short clip/sentence gives the same outputs alone as inside a batch padded for a longer one."""
-    model = model_for("tiny")
+@pytest.mark.parametrize(
+    ("key", "preset"), [("audio/digit", "tiny"), ("audio/digit", "small"), ("text/digit", "tiny")]
+)
+def test_padding_does_not_change_a_sample(key, preset):
+    """A short clip/sentence gives the same outputs alone as inside a batch padded for a longer one;
+    on `small` the clip runs through the pooled stem, whose convolutions reach past a token's frames."""
+    model = model_for(preset)
     full = batch(key, 3)
     short = Batch(
         full.modality, full.task, full.x[2:3, : int(full.lengths[2])], full.y[2:3], full.lengths[2:3]
@@ -311,10 +314,10 @@ def test_stem_maps_each_signal_to_its_projection():
     assert not any(isinstance(p, ConvStem) for p in linear.tokenizers.values())
     default = model_for("tiny").tokenizers["image"]  # tiny: the strided stem beside the linear projection
     assert isinstance(default, StridedStem) and default.linear is not None
-    small = model_for("small").tokenizers  # small: pooled stems, beside the linear projection on images
+    small = model_for("small").tokenizers  # small: pooled stems, beside the linear projection on images/audio
     assert isinstance(small["image"], PooledStem) and small["image"].linear is not None
+    assert isinstance(small["audio"], PooledStem) and small["audio"].linear is not None
     assert isinstance(small["video"], PooledStem) and small["video"].linear is None
-    assert isinstance(small["audio"], torch.nn.Linear)
     for bad, match in (
         ("model.stem.text=conv", "model.stem key"),
         ("model.stem.image=cnn", "model.stem.image"),
@@ -478,10 +481,10 @@ def test_conv_stem_checkpoints_round_trip_and_older_ones_load_as_built(tmp_path)
     assert old.config.model.stem_trunk == "strided"
     with torch.no_grad():
         assert torch.equal(old.forward_single(b)["digit"], images.forward_single(b)["digit"])
-    # a `small` checkpoint from before model.stem_trunk keeps its linear video and 49-token images
+    # a `small` checkpoint from before model.stem_trunk keeps its linear audio/video and 49-token images
     small = model_for(
         "small",
-        "model.stem={video: linear}",
+        "model.stem={audio: linear, video: linear}",
         "model.stem_trunk=strided",
         "model.patch_size=4",
         "model.video_patch=8",

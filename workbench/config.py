@@ -119,7 +119,7 @@ class ModelConfig:
     decoder_heads: int = 3  # attention heads in each decoder
     # How the specific tokenizers embed each signal's patches (unified ignores it), merged per key over
     # the preset's: linear (the paper) | conv (a convolutional stem) | both (the stem and the linear
-    # projection, summed). Unlisted signals are linear. `small` sets {image: both, video: conv}.
+    # projection, summed). Unlisted signals are linear. `small` sets {image: both, audio: both, video: conv}.
     stem: dict[str, str] = field(default_factory=lambda: {"image": "both"})
     # The stem: strided (Xiao et al. 2021; 3x3 stride-2 convolutions) | pooled (a small CNN, frame by
     # frame, max-pooled onto the token grid; tokenizers.PooledStem). `small` uses pooled (README, Training).
@@ -305,10 +305,11 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # 14 min 31 s; denoise (+0.5 vs +1.9 dB) and video/motion (95.8% vs 99.2%) lost (README, Training).
     # The refiner's nine convolutions (19x19 pixels: the occluder needs context) gave denoise +5.63 vs
     # +3.67 dB over its input in the full profile's stage 3 (README, Training and "Where things stand").
+    # The audio stem beside the linear projection: audio digit 90.5% vs 80.5% in the full profile, seed 0.
     "small": dict(
         patch_size=7,
         video_patch=16,
-        stem={"image": "both", "video": "conv"},
+        stem={"image": "both", "audio": "both", "video": "conv"},
         stem_trunk="pooled",
         dense_refine=32,
         dense_refine_depth=9,
