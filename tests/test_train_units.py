@@ -350,3 +350,40 @@ def test_batch_scale_sizes_streams_and_pair_updates_score_every_row():
     ):
         with pytest.raises(ConfigError, match=match):
             load_config(overrides=[bad])
+
+
+@pytest.mark.parametrize("schedule", ["pairs", "alternating"])
+def test_label_smoothing_spreads_the_target_in_stage_3_classification_losses_only(schedule):
+    import torch.nn.functional as F
+
+    from workbench.config import ConfigError, load_config
+    from workbench.modalities import default_tasks
+    from workbench.model import build_model
+    from workbench.model.synthetic import synthetic_batch
+    from workbench.train.objectives import AlternatingSupervised, MultitaskSupervised
+
+    tasks = {t.key: t for t in default_tasks()}
+    over = ["model.preset=tiny", "train.single_stream=1", f"train.schedule={schedule}"]
+    cfg = load_config(overrides=[*over, "train.label_smoothing=0.2"])
+    torch.manual_seed(0)
+    model = build_model(cfg, list(tasks.values())).eval()  # eval: no training-time noise to replay
+    kind = AlternatingSupervised if schedule == "alternating" else MultitaskSupervised
+    objective = kind(model, cfg, list(tasks.values()))
+    batches = [synthetic_batch(tasks["image/digit"], 4), synthetic_batch(tasks["image/denoise"], 4, seed=1)]
+    batches = batches[:1] if schedule == "alternating" else batches
+    if schedule == "alternating":
+        objective.vary = False  # the batch as given: its logits are the ones compared below
+    _, parts = objective(batches, step=0)
+    with torch.no_grad():
+        logits = model.forward_single(batches[0], tasks=["digit"])["digit"]
+        assert parts["image/digit"].item() == pytest.approx(
+            F.cross_entropy(logits, batches[0].y, label_smoothing=0.2).item(), rel=1e-5
+        )
+        assert parts["image/digit"].item() != pytest.approx(F.cross_entropy(logits, batches[0].y).item())
+        if schedule == "pairs":  # a dense task's loss is untouched
+            out = model.forward_single(batches[1], tasks=["denoise"])["denoise"]
+            assert parts["image/denoise"].item() == pytest.approx(
+                F.mse_loss(out, batches[1].y).item(), rel=1e-5
+            )
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        load_config(overrides=["train.label_smoothing=1"])

@@ -424,6 +424,9 @@ class TrainConfig:
     # Exponential moving average of the weights (workbench/train/averaging.py): 0 = off; d in (0, 1): the
     # run validates, evaluates and saves the average, with decay min(d, (1 + n) / (10 + n)) at update n.
     ema_decay: float = 0.0
+    # Stage 3: the share of each classification target spread evenly over the classes (label smoothing,
+    # Szegedy et al. 2016; the ViT/DeiT recipes use 0.1). The losses logged and balanced are these.
+    label_smoothing: float = 0.0
     tracker: str = "tensorboard"  # tensorboard | trackio | mlflow | wandb | none
     out: str = ""  # run directory ("" -> runs/<stage>-<timestamp>)
 
@@ -443,6 +446,7 @@ class TrainConfig:
         _check_range("train.mlm_visible_weight", self.mlm_visible_weight, 0.0, 100.0)
         _check_range("train.single_stream", self.single_stream, 0.0, 1.0)
         _check_range("train.ema_decay", self.ema_decay, 0.0, 0.99999)
+        _check_range("train.label_smoothing", self.label_smoothing, 0.0, 0.99)
         _check_range("train.keep_checkpoints", self.keep_checkpoints, lo=1)
         for key, w in self.task_sampling.items():
             _check_range(f"train.task_sampling.{key}", w, lo=0.0)

@@ -491,10 +491,11 @@ class OmniVec2(nn.Module):
             self._masked_output(b.modality, pred_b, vb, visible_weight),
         )
 
-    def task_loss(self, task_key: str, pred: Tensor, y: Tensor) -> Tensor:
-        """Cross-entropy for classification, mean squared error (per-pixel L2) for dense tasks."""
+    def task_loss(self, task_key: str, pred: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """Cross-entropy for classification (``label_smoothing`` of the target mass spread over the
+        classes, Szegedy et al. 2016), mean squared error (per-pixel L2) for dense tasks."""
         if self._task(task_key).kind == "classification":
-            return F.cross_entropy(pred.float(), y)
+            return F.cross_entropy(pred.float(), y, label_smoothing=label_smoothing)
         return F.mse_loss(pred.float(), y.float())
 
     # -------------------------------------------------------------------------------------- probing

@@ -235,6 +235,7 @@ class MultitaskSupervised(Objective):
             [s.key for s in self.tasks], t.balancer, t.dwa_temperature, t.balance_window
         )
         self.single_stream_share = t.single_stream
+        self.label_smoothing = t.label_smoothing
         self.by_modality = {m: [s.key for s in self.tasks if s.modality == m] for m in self.modalities}
         self.sampling = task_sampling(t.task_sampling, [s.key for s in self.tasks])
         if self.sampling is not None:  # draw probabilities, fixed for the run
@@ -277,7 +278,10 @@ class MultitaskSupervised(Objective):
             pred_a, pred_b = self.model.forward_pair(a.slice(0, n), b.slice(0, n), generator=g)
             pred_a, pred_b = (self._with_rest(p, x, n, g) for p, x in ((pred_a, a), (pred_b, b)))
         losses = _average(
-            [(x.key, self.model.task_loss(x.key, p, x.y)) for x, p in ((a, pred_a), (b, pred_b))]
+            [
+                (x.key, self.model.task_loss(x.key, p, x.y, self.label_smoothing))
+                for x, p in ((a, pred_a), (b, pred_b))
+            ]
         )
         return self._with_moe_aux(self.balancer(losses), {k: v.detach() for k, v in losses.items()})
 
@@ -339,7 +343,7 @@ class AlternatingSupervised(MultitaskSupervised):
         batch, _ = self.at_resolution(batch, step, micro)
         g = self._generator(step, micro)  # training-time text noise: replayed on resume
         pred = self.model.forward_single(batch, tasks=[batch.task], generator=g)[batch.task]
-        losses = {batch.key: self.model.task_loss(batch.key, pred, batch.y)}
+        losses = {batch.key: self.model.task_loss(batch.key, pred, batch.y, self.label_smoothing)}
         return self._with_moe_aux(self.balancer(losses), {k: v.detach() for k, v in losses.items()})
 
 
