@@ -22,7 +22,7 @@ from workbench.batch import Batch
 from workbench.config import load_config
 from workbench.errors import ConfigError, MediaError
 from workbench.modalities import SAMPLE_RATE, default_tasks
-from workbench.model import build_model
+from workbench.model import OmniVec2, build_model
 from workbench.model.attention import Transformer
 from workbench.model.moe import (
     MoEFeedForward,
@@ -30,7 +30,6 @@ from workbench.model.moe import (
     apply_moe,
     collect_aux,
     expert_loads,
-    from_pretrained,
     load_balancing_loss,
     moe_layers,
     moe_modules,
@@ -374,7 +373,7 @@ def test_alternating_moe_run_resumes_bit_identical(tmp_path):
         assert torch.equal(a[k], b[k]), k
     history = [json.loads(line) for line in (full.run_dir / "history.jsonl").read_text().splitlines()]
     assert all("loss/moe_aux" in r for r in history)
-    reloaded = from_pretrained(full.checkpoint)  # MoE checkpoints load with their experts
+    reloaded = OmniVec2.from_pretrained(full.checkpoint)  # MoE checkpoints load with their experts
     assert set(moe_modules(reloaded)) == {"g.0"}
 
 

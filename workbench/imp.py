@@ -85,13 +85,14 @@ def expert_load_by_modality(
 def run_variant(cfg: Config, variant: str, out: str | Path) -> dict[str, Any]:
     """Train one variant for ``cfg.seed`` into ``out``; write and return its ``result.json`` record."""
     from workbench.data import load_benchmark
-    from workbench.model.moe import active_parameters, from_pretrained
+    from workbench.model import OmniVec2
+    from workbench.model.moe import active_parameters
     from workbench.train import train
 
     out = Path(out)
     vcfg = variant_config(cfg, variant)
     result = train(vcfg, out / "run")
-    model = from_pretrained(result.checkpoint)
+    model = OmniVec2.from_pretrained(result.checkpoint)
     bench = load_benchmark(vcfg.data, seed=vcfg.seed)
     counts = model.parameter_counts()
     decoders = counts.get("decoders1", 0) + counts.get("decoders2", 0)  # masked pre-training only: unused

@@ -10,9 +10,10 @@ Public API (see DATA_CARD.md for what the data is and where it comes from)::
 Media decoding for uploads and ``workbench predict`` lives in :mod:`workbench.data.media`.
 """
 
-from workbench.data.benchmark import Benchmark, TaskDataset, load_benchmark
+from workbench.data.benchmark import Benchmark, TaskDataset
 from workbench.data.describe import describe, format_table
 from workbench.data.loaders import PairedDataset, aligned_pairs, make_loader, make_paired_loader
+from workbench.data.sources import load_benchmark
 
 __all__ = [
     "Benchmark",

@@ -1,6 +1,7 @@
 """The benchmark in memory: every (modality, task) as a table, split into torch Datasets.
 
-:func:`load_benchmark` is the one entry point the training code, notebooks and the app use::
+``workbench.data.load_benchmark`` (:mod:`workbench.data.sources`, which builds the tables) is the one
+entry point the training code, notebooks and the app use::
 
     bench = load_benchmark(cfg.data, seed=cfg.seed)   # builds the cache when missing, then loads it
     bench.tasks                                        # [TaskSpec] of the configured modalities
@@ -14,7 +15,6 @@ never branches on a modality name.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from workbench.config import DataConfig
 from workbench.errors import ConfigError
 from workbench.modalities import MODALITIES, TaskSpec
-from workbench.paths import cache_dir
 
 SPLITS = ("train", "val", "test")
 
@@ -200,38 +198,3 @@ class Benchmark:
 
     def __repr__(self) -> str:
         return f"Benchmark(source={self.source!r}, tasks={[t.key for t in self.tasks]})"
-
-
-def load_benchmark(cfg: DataConfig | None = None, seed: int = 0, *, root: str | Path | None = None,
-                   force: bool = False) -> Benchmark:  # fmt: skip
-    """Build the data cache if missing (deterministic, offline), then load it into memory.
-
-    ``root`` overrides the cache location (``data.cache_dir``, ``$WORKBENCH_CACHE``,
-    ``~/.cache/workbench``); ``force`` rebuilds even if the cache exists.
-    """
-    from workbench.data import sources
-
-    cfg = cfg or DataConfig()
-    root = Path(root) if root else cache_dir(cfg.cache_dir)
-    t0 = time.perf_counter()
-    data: dict[str, TaskData] = {}
-    meta: dict = {}
-    if cfg.source == "digits":
-        embedded = [m for m in cfg.modalities if not (m == "audio" and cfg.audio_source == "fsdd")]
-        if embedded:
-            path = sources.ensure_digits(root, seed, cfg.scale, force=force)
-            data.update(sources.load_digits(path, embedded))
-            meta = {"cache": str(path)}
-        if cfg.audio_source == "fsdd" and "audio" in cfg.modalities:
-            fsdd_path, table = sources.load_fsdd(cfg, seed, root, force=force)
-            data[table.spec.key] = table
-            meta["fsdd_cache"] = str(fsdd_path)
-    else:
-        for table in sources.load_folders(cfg, seed, root, force=force):
-            if table.spec.modality in cfg.modalities:
-                data[table.spec.key] = table
-        if not data:
-            raise ConfigError("data.source=folders but no folder matches data.modalities: set "
-                              "data.folders.<modality>=DIR (e.g. data.folders.image=~/my_digits)")  # fmt: skip
-    meta["load_seconds"] = round(time.perf_counter() - t0, 3)
-    return Benchmark(data, cfg.source, root, meta)

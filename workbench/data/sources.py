@@ -16,6 +16,9 @@ and an edited folder is re-read.
   ``split`` field or from the file name ``train.jsonl``/``val.csv``/``test.jsonl``, else as above). Each
   ``data.folders`` entry becomes one (modality, task): key ``image`` names the task after the
   folder, key ``image/shapes`` names it ``shapes``.
+
+:func:`load_benchmark` gathers the tables the config asks for into a
+:class:`~workbench.data.benchmark.Benchmark`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import gzip
 import json
 import re
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +39,7 @@ import torch.nn.functional as F
 from workbench.config import DataConfig
 from workbench.data import digits, media, phrases
 from workbench.data.audio import to_int16
-from workbench.data.benchmark import SPLITS, Dense, Ragged, Strings, TaskData
+from workbench.data.benchmark import SPLITS, Benchmark, Dense, Ragged, Strings, TaskData
 from workbench.data.cache import ensure, files_fingerprint, load_tensors, read_json, save_tensors, write_json
 from workbench.errors import ConfigError, MediaError
 from workbench.modalities import (
@@ -47,6 +51,7 @@ from workbench.modalities import (
     SAMPLE_RATE,
     TaskSpec,
 )
+from workbench.paths import cache_dir
 
 FASHION_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                   "Ankle boot")  # fmt: skip
@@ -410,3 +415,36 @@ def load_folders(cfg: DataConfig, seed: int, root: Path, force: bool = False) ->
         if k.partition("/")[0] in cfg.modalities or k.partition("/")[0] not in MODALITIES
     }
     return [load_folder(k, d, cfg, seed, root, force) for k, d in wanted.items()]  # bad keys still raise
+
+
+def load_benchmark(cfg: DataConfig | None = None, seed: int = 0, *, root: str | Path | None = None,
+                   force: bool = False) -> Benchmark:  # fmt: skip
+    """Build the data cache if missing (deterministic, offline), then load it into memory.
+
+    ``root`` overrides the cache location (``data.cache_dir``, ``$WORKBENCH_CACHE``,
+    ``~/.cache/workbench``); ``force`` rebuilds even if the cache exists.
+    """
+    cfg = cfg or DataConfig()
+    root = Path(root) if root else cache_dir(cfg.cache_dir)
+    t0 = time.perf_counter()
+    data: dict[str, TaskData] = {}
+    meta: dict = {}
+    if cfg.source == "digits":
+        embedded = [m for m in cfg.modalities if not (m == "audio" and cfg.audio_source == "fsdd")]
+        if embedded:
+            path = ensure_digits(root, seed, cfg.scale, force=force)
+            data.update(load_digits(path, embedded))
+            meta = {"cache": str(path)}
+        if cfg.audio_source == "fsdd" and "audio" in cfg.modalities:
+            fsdd_path, table = load_fsdd(cfg, seed, root, force=force)
+            data[table.spec.key] = table
+            meta["fsdd_cache"] = str(fsdd_path)
+    else:
+        for table in load_folders(cfg, seed, root, force=force):
+            if table.spec.modality in cfg.modalities:
+                data[table.spec.key] = table
+        if not data:
+            raise ConfigError("data.source=folders but no folder matches data.modalities: set "
+                              "data.folders.<modality>=DIR (e.g. data.folders.image=~/my_digits)")  # fmt: skip
+    meta["load_seconds"] = round(time.perf_counter() - t0, 3)
+    return Benchmark(data, cfg.source, root, meta)

@@ -30,15 +30,11 @@ Bookkeeping for the objectives and reports:
 * :func:`expert_loads` gives every MoE layer's share of assignments per expert in its last forward;
   ``layer.last_counts`` holds the raw counts, so a caller can sum them over batches (e.g. per modality).
 
-Wiring: :func:`apply_moe` turns the blocks the config names into MoE blocks and is idempotent. Until
-``OmniVec2.__init__`` calls it itself (one line after ``self.g`` is built; omnivec2.py is owned
-elsewhere), the stage objectives call it before the optimiser is built, and MoE checkpoints load with
-:func:`from_pretrained` here (``OmniVec2.from_pretrained`` builds dense blocks and refuses the experts).
+Wiring: ``OmniVec2.__init__`` calls :func:`apply_moe` (idempotent; a no-op for dense configs) once its
+blocks are built, so every constructor and ``OmniVec2.from_pretrained`` give MoE networks their experts.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -190,35 +186,6 @@ def expert_loads(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def from_pretrained(directory: str | Path):
-    """Load a checkpoint whose config has MoE layers (``OmniVec2.from_pretrained`` for dense ones).
-
-    Same checks as :func:`workbench.model.checkpoint.from_pretrained` (strict keys and shapes), with
-    :func:`apply_moe` between building the network and loading the weights.
-    """
-    from safetensors.torch import load_file
-
-    from workbench.errors import CheckpointError
-    from workbench.model.checkpoint import WEIGHTS_FILE, read_checkpoint_config
-    from workbench.model.omnivec2 import OmniVec2, build_model
-    from workbench.model.text_tokenizer import FILENAME, TextTokenizer
-
-    directory = Path(directory)
-    config, tasks = read_checkpoint_config(directory)
-    if not config.model.moe_experts:
-        return OmniVec2.from_pretrained(directory)
-    model = build_model(config, tasks)
-    apply_moe(model)
-    state = load_file(str(directory / WEIGHTS_FILE), device="cpu")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{directory} does not match the network: {str(err).splitlines()[0]}") from None
-    if (directory / FILENAME).is_file():
-        model.text_tokenizer = TextTokenizer.load(directory, config.model.max_text_tokens)
-    return model.eval()
-
-
 def active_parameters(model: nn.Module) -> int:
     """Parameters one token uses: the total minus the experts it is not routed to (E - k per MoE layer)."""
     total = sum(p.numel() for p in model.parameters())
@@ -234,7 +201,6 @@ __all__ = [
     "apply_moe",
     "collect_aux",
     "expert_loads",
-    "from_pretrained",
     "load_balancing_loss",
     "moe_layers",
     "moe_modules",

@@ -27,7 +27,7 @@ from workbench.batch import Batch
 from workbench.config import Config
 from workbench.errors import ConfigError
 from workbench.modalities import TaskSpec, default_tasks
-from workbench.model.moe import apply_moe, collect_aux
+from workbench.model.moe import collect_aux
 from workbench.train.balance import TaskBalancer
 from workbench.train.resolution import vary_resolution
 
@@ -53,9 +53,6 @@ class Objective(nn.Module):
         self.batch_size = cfg.train.batch_size
         self.batch_scale = dict(cfg.train.batch_scale or {})
         self.grad_accum = cfg.train.grad_accum
-        # MoE blocks are built here until OmniVec2 builds them itself (see workbench/model/moe.py);
-        # before the optimiser and any state load, and a no-op (no parameter, no RNG draw) when dense.
-        apply_moe(model)
         self.moe_aux_weight = cfg.model.moe_aux_weight if cfg.model.moe_experts else None
 
     def _with_moe_aux(
