@@ -139,6 +139,26 @@ def test_an_unused_expert_gets_no_gradient_and_the_router_still_learns():
     assert layer.router.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_under_bf16_autocast_a_moe_layer_matches_its_fp32_output_and_trains(padded):
+    # train.mixed_precision=auto is bf16 on native-bf16 CPUs: the experts' Linears then return bf16
+    # while the residual stream stays fp32 (the IMP notebook's full profile once failed right there)
+    layer = _moe(experts=4, top_k=2)
+    x = torch.randn(4, 16, 8, requires_grad=True)
+    padding = torch.zeros(4, 16, dtype=torch.bool)
+    if padded:
+        padding[:, 12:] = True
+    ref = layer(x, padding)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x, padding)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=0.05, atol=0.02)  # bf16 has an 8-bit mantissa
+    y.pow(2).sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.experts.parameters())
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 # ------------------------------------------------------------------------------------- in the model
 def test_moe_layers_count_every_nth_block_across_f_then_g():
     tiny = load_config(overrides=IMP_TINY).model

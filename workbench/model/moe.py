@@ -114,7 +114,9 @@ class MoEFeedForward(nn.Module):
         ):
             if idx.numel():
                 y = self.experts[e](tokens.index_select(0, idx))  # (n_e, D): one matmul per expert
-                out.index_add_(0, idx, y * gate.unsqueeze(-1).to(y.dtype))
+                # summed in the stream's dtype: under bf16 autocast an expert's Linear returns bf16 while
+                # the residual stream (and so ``out``) stays fp32
+                out.index_add_(0, idx, y.to(out.dtype) * gate.unsqueeze(-1).to(out.dtype))
 
         self.last_counts = counts.detach()
         if self.training and torch.is_grad_enabled():
