@@ -68,8 +68,8 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 data: $(WARMED)  ## build the embedded dataset cache
 	$(VENV)/bin/workbench data build
 
-reports: $(WARMED)  ## the notebook pipeline only (PROFILE=quick|full, JOBS=n at once, OVERRIDES="k=v ...")
-	$(VENV)/bin/workbench pipeline --profile $(PROFILE) --jobs $(JOBS) $(OVERRIDES)
+reports: $(WARMED)  ## the notebook pipeline only (PROFILE=quick|full, JOBS=n at once, OVERRIDES="k=v ...", KEEP_GOING=1)
+	$(VENV)/bin/workbench pipeline --profile $(PROFILE) --jobs $(JOBS) $(if $(KEEP_GOING),--keep-going) $(OVERRIDES)
 
 app: $(WARMED)  ## the Gradio app only (CHECKPOINT=dir, default the newest in runs/)
 	$(VENV)/bin/workbench app $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))

@@ -217,6 +217,30 @@ def test_failing_notebook_stops_pipeline_via_cli(tmp_path, monkeypatch, capsys):
     assert '<span class="status failed">' in (run / "index.html").read_text()
 
 
+def test_keep_going_runs_what_does_not_depend_on_a_failure_via_cli(tmp_path, monkeypatch, capsys):
+    """--keep-going, the real registry: 01 fails, so 02 (its downstream) is skipped; 10 (independent)
+    still runs, 22 (independent) fails too, and the error names the first failure and counts the rest."""
+    nbs = tmp_path / "notebooks"
+    write_notebook(nbs / "01_stage1_unimodal.ipynb", STAGE_PARAMS, *FAILING_CELLS)
+    write_notebook(nbs / "02_stage2_pairwise.ipynb", STAGE_PARAMS + 'init_checkpoint = ""\n', *MARKER_CELLS)
+    write_notebook(nbs / "10_ablation_pretraining.ipynb", STAGE_PARAMS, *MARKER_CELLS)
+    write_notebook(nbs / "22_deepsense.ipynb", STAGE_PARAMS, 'raise KeyError("second")')
+    monkeypatch.setenv("WORKBENCH_NOTEBOOKS", str(nbs))
+    run = tmp_path / "reports" / "r"
+
+    assert main(["pipeline", "--profile", "tiny", "--out", str(run), "--keep-going"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "01_stage1_unimodal" in err[0] and "ValueError: boom-xyz" in err[0]
+    assert err[0].endswith("; 1 more failed: 22_deepsense")
+    status = {nb["name"]: nb for nb in json.loads((run / "index.json").read_text())["notebooks"]}
+    assert status["01_stage1_unimodal"]["status"] == status["22_deepsense"]["status"] == "failed"
+    assert status["10_ablation_pretraining"]["status"] == "ok"
+    assert (run / "artifacts" / "10_ablation_pretraining" / "ran.txt").read_text() == "ran"
+    assert status["02_stage2_pairwise"]["status"] == "skipped"
+    assert status["02_stage2_pairwise"]["reason"] == "needs 01_stage1_unimodal (failed)"
+    assert not (run / "artifacts" / "02_stage2_pairwise" / "ran.txt").exists()
+
+
 PARALLEL_WAITS_FOR_SIBLING = (
     "import os, pathlib, time\n"
     "sibling = pathlib.Path(output_dir).parent / 'c' / 'started.txt'\n"

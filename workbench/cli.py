@@ -176,7 +176,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         return _print_plan(args)
     try:
         result = run_pipeline(
-            args.profile, args.out, only=args.only or (), jobs=args.jobs, overrides=args.overrides
+            args.profile,
+            args.out,
+            only=args.only or (),
+            jobs=args.jobs,
+            overrides=args.overrides,
+            keep_going=args.keep_going,
         )
     except NotebookFailed as err:  # a notebook's bug, not bad input: exit 1, the index is still written
         print(f"workbench pipeline: error: {err}", file=sys.stderr)
@@ -371,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="run up to N independent notebooks at once, each kernel with cpu_count/N threads (default 1)",
+    )
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="after a notebook fails, still run every notebook that does not depend on it (default: start "
+        "nothing new); exit 1 at the end all the same",
     )
     p.add_argument(
         "--plan",

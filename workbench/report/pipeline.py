@@ -275,15 +275,17 @@ def run_pipeline(
     only: Iterable[str] = (),
     jobs: int = 1,
     overrides: Sequence[str] = (),
+    keep_going: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> PipelineResult:
     """Execute the registry's notebooks in dependency order and write the report; return its result.
 
     ``only`` restricts the run to those notebooks and their upstream dependencies. ``jobs`` > 1 runs
     up to that many independent notebooks at once (each kernel gets ``cpu_count // jobs`` threads).
-    ``overrides`` are config ``key=value`` pairs for every notebook that trains (validated first). Raises
-    ConfigError (before any work) for bad input, NotebookFailed after the index is written if a
-    notebook fails.
+    ``overrides`` are config ``key=value`` pairs for every notebook that trains (validated first). After
+    a failure nothing new starts, unless ``keep_going``: then every notebook that does not depend on a
+    failed one still runs (``make -k``). Raises ConfigError (before any work) for bad input,
+    NotebookFailed after the index is written if any notebook failed (naming the first, counting all).
     """
     from workbench.report.index import machine_info, write_index
 
@@ -320,16 +322,21 @@ def run_pipeline(
         run_dir, profile, started.isoformat(timespec="seconds"), 0.0, machine_info(), [], overrides
     )
     try:
-        _schedule(plans, critical_path(order, profile), selected, jobs, run_dir, nb_dir, results, say)
+        _schedule(
+            plans, critical_path(order, profile), selected, jobs, run_dir, nb_dir, results, say, keep_going
+        )
     finally:  # also on Ctrl-C: the index shows how far the run got
         result.notebooks = [
             results.get(s.name) or NotebookResult(s.name, s.title, "skipped", "interrupted") for s in order
         ]
         result.seconds = time.perf_counter() - t_start
         write_index(result)
-    failed = result.failed
-    if failed is not None:
-        raise NotebookFailed(_describe_failure(failed, run_dir), result)
+    failed = [r for r in result.notebooks if r.status == "failed"]
+    if failed:
+        message = _describe_failure(failed[0], run_dir)
+        if len(failed) > 1:
+            message += f"; {len(failed) - 1} more failed: {', '.join(r.name for r in failed[1:])}"
+        raise NotebookFailed(message, result)
     return result
 
 
@@ -345,13 +352,15 @@ def _schedule(
     nb_dir: Path,
     results: dict[str, NotebookResult],
     say: Callable[[str], None],
+    keep_going: bool = False,
 ) -> None:
     """Run every plan whose dependencies succeeded, at most ``jobs`` at once; fill ``results``.
 
     A notebook starts as soon as its dependencies are ``ok`` and a slot is free (with ``jobs`` > 1 the
     one with the most expected work below it first, see :func:`critical_path`, else in dependency
     order); one that cannot run is settled as missing/skipped once its dependencies are. After a
-    failure nothing new starts; notebooks already running finish and are kept.
+    failure nothing new starts (with ``keep_going``, only what depends on it is skipped); notebooks
+    already running finish and are kept.
     """
     total = sum(spec.name in selected for spec, _, _ in plans)  # "[k/total]" counts what --only runs
     count = iter(range(1, total + 1))
@@ -403,7 +412,7 @@ def _schedule(
                 spec, res = running.pop(future)
                 future.result()
                 results[spec.name] = res
-                if res.status == "failed" and not stopped_by:
+                if res.status == "failed" and not stopped_by and not keep_going:
                     stopped_by = spec.name
     finally:
         if pool is not None:  # on Ctrl-C, notebooks already running end before the index is written
