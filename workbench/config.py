@@ -304,7 +304,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # image/digit 80.6% vs 56.6%, video/digit 44.4% vs 31.6%, mean of 7 70.9% vs 63.5%, in 12 min 8 s vs
     # 14 min 31 s; denoise (+0.5 vs +1.9 dB) and video/motion (95.8% vs 99.2%) lost (README, Training).
     # The refiner's nine convolutions (19x19 pixels: the occluder needs context) gave denoise +5.63 vs
-    # +3.67 dB over its input in the full profile's stage 3 (README, Training and "Where things stand").
+    # +3.67 dB over its input in the full profile's stage 3 (README, Training, and RESULTS.md).
     # The audio stem beside the linear projection: audio digit 90.5% vs 80.5% in the full profile, seed 0.
     "small": dict(
         patch_size=7,
@@ -353,7 +353,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 # classification tasks was 57% after 1,000 updates and 54% after 800, while 600/600/1,000 tied the
 # former 1,000/1,000/1,000 at lr 3e-4 (53.5% both) in three quarters of the time. The pooled stems (16 image and video tokens) made
 # stage 3 a third cheaper, and the time went to 1,200 updates: mean 74.6% vs 70.9% at 1,000, from one
-# stage-2 checkpoint. README, "Where things stand", has the tables.
+# stage-2 checkpoint. RESULTS.md has the tables.
 STAGE_STEPS = {1: 600, 2: 600, 3: 1200}
 # The default peak learning rate per stage (`train.lr=0`). Masked pre-training keeps 3e-4; stage 3
 # learns faster at 6e-4 (from one stage-2 checkpoint, mean accuracy 57% vs 53.5% after 1,000 updates);

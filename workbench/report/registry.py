@@ -96,7 +96,7 @@ def _stage(
 # full-profile stage-2 checkpoint (seed 0, `small` with the audio stem, test split): mean of 7 94.3% at
 # 4,500 updates vs 92.3% at 3,000, with image digit (97.0%), video motion (99.0%) and denoise (+6.37 dB)
 # at their targets against none at 3,000; 6,000 updates gave the mean 0.2 points more (94.5%), so it
-# stops at 4,500. README, "Where things stand".
+# stops at 4,500. RESULTS.md.
 FULL_STAGE3_STEPS = 4500
 # One-thread minutes per 1,500 stage-3 updates of `small` with the profile's overrides, evaluation
 # included: 300 updates took 137 s on one thread here (0.46 s each; the pooled stems made them cheaper
@@ -106,7 +106,7 @@ _STAGE3_MINUTES_PER_1500 = 12
 # clips are otherwise fitted to 100% against 86% on unseen voices), and three video/digit draws for one
 # video/motion (video's share unchanged). From the same checkpoint: video digit 90.8% vs 73.2%, audio
 # digit 84.0% vs 82.7%, motion 99.8%, mean of 7 90.9% vs 87.7%. In the default run the same two
-# settings took motion from 98.4% to 58.2% (README, "Where things stand"). Denoise draws 1.5 as well:
+# settings took motion from 98.4% to 58.2% (RESULTS.md). Denoise draws 1.5 as well:
 # with the nine-convolution refiner, +6.00 vs +5.63 dB over its input, mean of 7 90.3% vs 90.5%.
 FULL_STAGE3_OVERRIDES = [
     "model.spec_warp=0.2",
