@@ -84,8 +84,9 @@ class PipelineResult:
     overrides: list[str] = field(default_factory=list)  # the user's config overrides for every notebook
 
     @property
-    def failed(self) -> NotebookResult | None:
-        return next((r for r in self.notebooks if r.status == "failed"), None)
+    def failed(self) -> list[NotebookResult]:
+        """The notebooks that failed, in registry order."""
+        return [r for r in self.notebooks if r.status == "failed"]
 
     @property
     def index_html(self) -> Path:
@@ -331,7 +332,7 @@ def run_pipeline(
         ]
         result.seconds = time.perf_counter() - t_start
         write_index(result)
-    failed = [r for r in result.notebooks if r.status == "failed"]
+    failed = result.failed
     if failed:
         message = _describe_failure(failed[0], run_dir)
         if len(failed) > 1:
