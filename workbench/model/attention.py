@@ -168,8 +168,8 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (BERT/ViT): x + attn(LN(x)), then x + MLP(LN(x)) with GELU.
 
-    :meth:`use_moe` swaps the dense MLP for top-k routed experts (IMP; :mod:`workbench.model.moe`),
-    which also receive the padding mask (padding tokens are not routed). Dense blocks are untouched.
+    :func:`workbench.model.moe.apply_moe` may swap the dense MLP for top-k routed experts (IMP) and set
+    ``moe``; those also receive the padding mask (padding tokens are not routed).
     """
 
     def __init__(
@@ -179,16 +179,8 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout=dropout)
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, mlp_ratio, dropout)
         self.drop_path = DropPath(drop_path)
-        self.moe = False
-        self._mlp_shape = (dim, mlp_ratio, dropout)
-
-    def use_moe(self, experts: int, top_k: int, init: str = "trunc_normal") -> None:
-        """Replace the dense MLP by ``experts`` routed MLPs of the same shape (freshly initialised)."""
-        from workbench.model.moe import MoEFeedForward  # moe.py builds on this module
-
-        dim, ratio, dropout = self._mlp_shape
-        self.mlp = MoEFeedForward(dim, ratio, experts, top_k, dropout, init)
-        self.moe = True
+        self.moe = False  # set by workbench.model.moe.apply_moe with the experts
+        self.mlp_shape = (dim, mlp_ratio, dropout)  # what a mixture of experts in its place must match
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), key_padding_mask=padding))
@@ -217,20 +209,6 @@ class Transformer(nn.Module):
         self.name = name
         for i, block in enumerate(self.blocks):
             block.attn.name = f"{name}.{i}"
-
-    def use_moe(
-        self, blocks: Iterable[int], experts: int, top_k: int, init: str = "trunc_normal"
-    ) -> list[str]:
-        """Make the given blocks mixture-of-experts blocks (those already MoE are kept); return their
-        names ``<name>.<block>``."""
-        names = []
-        for i in blocks:
-            block = self.blocks[i]
-            if not block.moe:
-                block.use_moe(experts, top_k, init)
-                block.mlp.name = f"{self.name}.{i}"
-            names.append(f"{self.name}.{i}")
-        return names
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
         for block in self.blocks:

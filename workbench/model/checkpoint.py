@@ -12,7 +12,7 @@ or task the code cannot build, different widths, a tokenizer variant switched) i
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -138,13 +138,17 @@ def _attach_tokenizer(model: OmniVec2, directory: Path) -> None:
         raise CheckpointError(f"{directory / TOKENIZER_FILE} does not fit the network: {err}") from None
 
 
-def from_pretrained(directory: str | Path, expect_tasks: Sequence[TaskSpec] | None = None) -> OmniVec2:
-    from workbench.model.omnivec2 import build_model
-
+def from_pretrained(
+    directory: str | Path,
+    build: Callable[[Config, list[TaskSpec]], OmniVec2],
+    expect_tasks: Sequence[TaskSpec] | None = None,
+) -> OmniVec2:
+    """The network ``build(config, tasks)`` makes from the checkpoint's config, with its weights (and
+    tokenizer) loaded after they were checked against it; in eval mode."""
     directory = Path(directory)
     config, tasks = read_checkpoint_config(directory)
     try:
-        model = build_model(config, tasks)
+        model = build(config, tasks)
     except ConfigError as err:
         raise CheckpointError(f"{directory} cannot be built by this code: {err}") from None
     state = _read_weights(directory)

@@ -81,7 +81,7 @@ class MoEFeedForward(nn.Module):
         self.num_experts, self.top_k = experts, top_k
         self.router = nn.Linear(dim, experts, bias=False)
         self.experts = nn.ModuleList(Mlp(dim, mlp_ratio, dropout) for _ in range(experts))
-        self.name = ""  # "<transformer>.<block>", set by Transformer.use_moe
+        self.name = ""  # "<transformer>.<block>", set by apply_moe
         self.last_counts: Tensor | None = None  # (E,) assignments per expert in the last forward
         self._aux: list[Tensor] = []  # auxiliary losses of training forwards since the last collect_aux
         self.reset_parameters(init)
@@ -152,8 +152,15 @@ def apply_moe(model: nn.Module) -> list[str]:
     layers = moe_layers(cfg)
     names: list[str] = []
     for module in model.modules():
-        if isinstance(module, Transformer) and layers.get(module.name):
-            names += module.use_moe(layers[module.name], cfg.moe_experts, cfg.moe_top_k, cfg.init)
+        if not isinstance(module, Transformer):
+            continue
+        for i in layers.get(module.name, []):
+            block, name = module.blocks[i], f"{module.name}.{i}"
+            if not block.moe:
+                dim, ratio, dropout = block.mlp_shape
+                block.mlp = MoEFeedForward(dim, ratio, cfg.moe_experts, cfg.moe_top_k, dropout, cfg.init)
+                block.mlp.name, block.moe = name, True
+            names.append(name)
     return names
 
 

@@ -54,6 +54,7 @@ from workbench.config import Config
 from workbench.errors import ConfigError
 from workbench.modalities import MODALITIES, TaskSpec
 from workbench.model import attention as attn
+from workbench.model import checkpoint
 from workbench.model.attention import CrossAttention, Transformer, init_linear
 from workbench.model.heads import HEADS, DenseRefiner, MaskedDecoder, masked_mean
 from workbench.model.masking import Masked, bert_corruption, random_masking
@@ -594,24 +595,18 @@ class OmniVec2(nn.Module):
         self, directory: str | Path, config: Config | None = None, text_tokenizer: TextTokenizer | None = None
     ) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``); see checkpoint.py."""
-        from workbench.model.checkpoint import save_pretrained
-
-        return save_pretrained(self, directory, config, text_tokenizer)
+        return checkpoint.save_pretrained(self, directory, config, text_tokenizer)
 
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, expect_tasks: Sequence[TaskSpec] | None = None
     ) -> OmniVec2:
         """Load a checkpoint directory; CheckpointError if it does not match the code or ``expect_tasks``."""
-        from workbench.model.checkpoint import from_pretrained
-
-        return from_pretrained(directory, expect_tasks)
+        return checkpoint.from_pretrained(directory, cls, expect_tasks)
 
     def load_components(self, directory: str | Path, prefixes: Sequence[str] = ("tokenizers", "f", "A", "g")):
         """Initialise components from an earlier stage's checkpoint (skipping decoders/heads by default)."""
-        from workbench.model.checkpoint import load_components
-
-        return load_components(self, directory, prefixes)
+        return checkpoint.load_components(self, directory, prefixes)
 
 
 def build_model(cfg: Config, tasks: Sequence[TaskSpec]) -> OmniVec2:

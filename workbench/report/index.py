@@ -18,10 +18,7 @@ import subprocess
 from html import escape
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from workbench.report.pipeline import PipelineResult
+from typing import Any
 
 TABLE12_NOTEBOOK = "13_table12"
 
@@ -214,10 +211,11 @@ def _overrides(data: dict) -> str:
     return f" with <code>{escape(' '.join(given))}</code>" if given else ""
 
 
-def write_index(result: PipelineResult) -> Path:
-    """Write ``index.json`` and ``index.html`` into the run directory and update ``latest``."""
-    data = result.to_dict()
-    (result.run_dir / "index.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    result.index_html.write_text(render_index(data), encoding="utf-8")
-    _update_latest(result.run_dir)
-    return result.index_html
+def write_index(run_dir: Path, data: dict[str, Any]) -> Path:
+    """Write a pipeline run's ``index.json`` and ``index.html`` (from ``PipelineResult.to_dict()``) into
+    ``run_dir`` and update ``latest``; return the page."""
+    (run_dir / "index.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    page = run_dir / "index.html"
+    page.write_text(render_index(data), encoding="utf-8")
+    _update_latest(run_dir)
+    return page

@@ -30,6 +30,7 @@ from typing import Any
 
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.paths import reports_dir
+from workbench.report.index import machine_info, write_index
 from workbench.report.registry import (
     PROFILE_DEFAULTS,
     NotebookSpec,
@@ -288,8 +289,6 @@ def run_pipeline(
     failed one still runs (``make -k``). Raises ConfigError (before any work) for bad input,
     NotebookFailed after the index is written if any notebook failed (naming the first, counting all).
     """
-    from workbench.report.index import machine_info, write_index
-
     say = log or (lambda _msg: None)
     check_profile(profile)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -331,7 +330,7 @@ def run_pipeline(
             results.get(s.name) or NotebookResult(s.name, s.title, "skipped", "interrupted") for s in order
         ]
         result.seconds = time.perf_counter() - t_start
-        write_index(result)
+        write_index(result.run_dir, result.to_dict())
     failed = result.failed
     if failed:
         message = _describe_failure(failed[0], run_dir)
