@@ -497,7 +497,7 @@ def test_conv_stem_checkpoints_round_trip_and_older_ones_load_as_built(tmp_path)
 def test_dense_refiner_starts_as_the_identity_and_corrects_from_the_input_at_full_resolution():
     model = model_for("tiny", "model.dense_refine=8", tasks=TASKS)
     assert list(model.refiners) == ["image/denoise"] and not model_for("tiny").refiners
-    assert model_for("small").config.model.dense_refine > 0  # the CPU default has one (README, Training)
+    assert model_for("small").config.model.dense_refine > 0  # the CPU default has one (RECIPE.md)
     b = batch("image/denoise")
     with torch.no_grad():
         refined = model.forward_single(b)["denoise"]

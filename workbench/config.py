@@ -122,10 +122,10 @@ class ModelConfig:
     # projection, summed). Unlisted signals are linear. `small` sets {image: both, audio: both, video: conv}.
     stem: dict[str, str] = field(default_factory=lambda: {"image": "both"})
     # The stem: strided (Xiao et al. 2021; 3x3 stride-2 convolutions) | pooled (a small CNN, frame by
-    # frame, max-pooled onto the token grid; tokenizers.PooledStem). `small` uses pooled (README, Training).
+    # frame, max-pooled onto the token grid; tokenizers.PooledStem). `small` uses pooled (RECIPE.md).
     stem_trunk: str = "strided"
     # Width of the input-guided refiner on image dense outputs (heads.DenseRefiner; 0 = off: the head's
-    # per-token pixels are the prediction). `small` sets it (README, Training).
+    # per-token pixels are the prediction). `small` sets it (RECIPE.md).
     dense_refine: int = 0
     dense_refine_depth: int = 3  # the refiner's 3x3 convolutions (>= 2): it reads 2*depth+1 pixels across
     init: str = "trunc_normal"  # transformer Linear weights: trunc_normal (std 0.02, timm ViT) | xavier (MAE)
@@ -159,7 +159,7 @@ class ModelConfig:
     # Training only, on the batches of classification tasks (dense targets would move with their
     # inputs): augmentation per sample by the patchers (ImagePatcher / AudioPatcher.augment). Off: 0.
     # The full profile sets spec_warp=0.2 (audio alone, 600 updates: audio digit 89.2% vs 87.0%); the
-    # masks, tilt, shift and echo lost in the same probe (README, Training).
+    # masks, tilt, shift and echo lost in the same probe (RECIPE.md).
     image_shift: int = 0  # images moved by up to this many pixels along each axis
     spec_warp: float = 0.0  # mel axis stretched by a factor in [1 - w, 1 + w] (a voice's formants move)
     spec_warp_ends: bool = False  # the warp's factor drawn apart at the lowest and highest bin, blended
@@ -302,9 +302,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The CPU default: the dataclass widths (~5 M parameters) with 16 tokens per image and per clip,
     # each made by a small CNN (tokenizers.PooledStem). Default chain (600/600/1,000), seed 0:
     # image/digit 80.6% vs 56.6%, video/digit 44.4% vs 31.6%, mean of 7 70.9% vs 63.5%, in 12 min 8 s vs
-    # 14 min 31 s; denoise (+0.5 vs +1.9 dB) and video/motion (95.8% vs 99.2%) lost (README, Training).
+    # 14 min 31 s; denoise (+0.5 vs +1.9 dB) and video/motion (95.8% vs 99.2%) lost (RECIPE.md).
     # The refiner's nine convolutions (19x19 pixels: the occluder needs context) gave denoise +5.63 vs
-    # +3.67 dB over its input in the full profile's stage 3 (README, Training, and RESULTS.md).
+    # +3.67 dB over its input in the full profile's stage 3 (RECIPE.md and RESULTS.md).
     # The audio stem beside the linear projection: audio digit 90.5% vs 80.5% in the full profile, seed 0.
     "small": dict(
         patch_size=7,
@@ -364,7 +364,7 @@ STAGE_LR = {1: 3e-4, 2: 3e-4, 3: 6e-4}
 # The default `train.batch_scale` per stage. Stage 3 reads text in batches three times the stream
 # batch: a phrase is 2-10 tokens against 49-64 for a signal, and text/digit is short of samples, not
 # of updates. From the default stage-2 checkpoint, seed 0, both cores: text/digit test 38.2% vs 28.5%
-# (47.5% at x4), its training phrases fitted 60% vs 37%, for 10.6% more stage-3 time (README).
+# (47.5% at x4), its training phrases fitted 60% vs 37%, for 10.6% more stage-3 time (RECIPE.md).
 STAGE_BATCH_SCALE: dict[int, dict[str, float]] = {1: {}, 2: {}, 3: {"text": 3.0}}
 
 
@@ -396,20 +396,20 @@ class TrainConfig:
     # Masked-LM (text) also scores the kept tokens, each at this weight relative to a masked one (0:
     # BERT, masked tokens only). Text-only stage 1 (400 updates) then stage 3 (1,500), seed 0: text/digit
     # test 49.8% vs 23.8% with BERT's loss and 42.0% from scratch; BERT's loss lets f overwrite which word
-    # a token is with what its context predicts, and the digit is then slow to learn (README).
+    # a token is with what its context predicts, and the digit is then slow to learn (RECIPE.md).
     mlm_visible_weight: float = 1.0
     balancer: str = "dwa"  # dwa (Dynamic Weight Average) | uncertainty | equal
     schedule: str = "pairs"  # stage 3: pairs (OmniVec2: two streams per update) | alternating (IMP: one)
     # pairs: share of updates whose two batches run h(g(f(x))) alone, as inference does (0: the paper's
     # pure pair updates). From the default stage-2 checkpoint, seed 0, one thread: mean test accuracy of
-    # the 7 classification tasks 60.0% vs 55.0% with 0, no task more than 1 point worse (README).
+    # the 7 classification tasks 60.0% vs 55.0% with 0, no task more than 1 point worse (RECIPE.md).
     single_stream: float = 0.5
     # Stage 3: relative chance of drawing each task, by key ("text/digit"); unlisted tasks weigh 1. A
     # modality is drawn in proportion to the sum of its tasks' weights (pairs: two different ones),
     # then one of its tasks in proportion to its weight; keys of tasks a run lacks are ignored. The
     # default moves text's draws from language (solved early) to digit (the slowest task): from the
     # default stage-2 checkpoint, seed 0, one thread, text/digit test 32.2% vs 18.5% uniform, mean of
-    # the 7 classification tasks 62.2% vs 60.0% (README). Text/digit at 4 rather than 2 (text is then
+    # the 7 classification tasks 62.2% vs 60.0% (RECIPE.md). Text/digit at 4 rather than 2 (text is then
     # drawn in ~43% of the stream slots): from the default stage-2 checkpoint, seed 0, both cores,
     # text/digit 78.8% vs 48.2%, mean of 7 77.7% vs 74.7%, audio 5-7 points lower, 26 s more stage 3.
     # All weights 1: uniform, the paper's sampling.

@@ -144,7 +144,7 @@ class PooledStem(ConvStem):
     Why: convolution and max-pooling make a token's content nearly the same wherever a stroke falls in
     its cell, which a linear patch projection or the strided stem (a fixed function of each pixel's
     place in the patch) does not, and fewer, richer tokens make the transformer cheaper. Trained alone
-    from scratch (200 updates of 64, one thread; README, Training): video/digit 82.2% test with this
+    from scratch (200 updates of 64, one thread; RECIPE.md): video/digit 82.2% test with this
     stem on 16 tokens vs 32.2% with linear 8x8 tubelets (64 tokens), in 198 s vs 313 s; image/digit
     82.2% on 16 tokens vs 65.8% with the strided stem on 49, in 101 s vs 258 s.
     """

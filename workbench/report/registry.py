@@ -110,7 +110,7 @@ _STAGE3_MINUTES_PER_1500 = 12
 # with the nine-convolution refiner, +6.00 vs +5.63 dB over its input, mean of 7 90.3% vs 90.5%.
 FULL_STAGE3_OVERRIDES = [
     "model.spec_warp=0.2",
-    "train.label_smoothing=0.1",  # mean of 7 +1.2 (seed 0) and +0.8 (seed 1) at 4,500 updates (README)
+    "train.label_smoothing=0.1",  # mean of 7 +1.2 (seed 0) and +0.8 (seed 1) at 4,500 updates (RESULTS.md)
     "train.task_sampling={text/digit: 4, text/language: 0.5, video/digit: 1.5, video/motion: 0.5, "
     "image/denoise: 1.5}",
 ]
