@@ -85,6 +85,25 @@ def test_three_stages_learn_and_write_everything(three_stages):
     assert sum(margins.values()) / len(margins) > 0.08, margins
 
 
+def test_target_table_reads_every_target_from_real_stage3_metrics(three_stages):
+    from workbench.evaluate import TARGETS, target_table
+
+    test = three_stages[2].metrics["test"]
+    assert set(TARGETS) <= set(test)  # every target names a task the default run evaluates
+    rows = {row[0]: row for row in target_table(test)["rows"]}
+    assert list(rows) == list(TARGETS)
+    gain = test["image/denoise"]["psnr"] - test["image/denoise"]["psnr_input"]
+    assert rows["image/denoise"][3] == pytest.approx(gain)
+    assert rows["text/digit"][3] == pytest.approx(test["text/digit"]["accuracy"])
+    for task, _metric, target, value, met in rows.values():
+        assert met is (value >= target), task
+    # exactly at the target meets it; a task not evaluated is reported as such, not as missed
+    at = {k: dict(v) for k, v in test.items()} | {"audio/digit": {**test["audio/digit"], "accuracy": 0.95}}
+    del at["video/motion"]
+    rows = {row[0]: row for row in target_table(at)["rows"]}
+    assert rows["audio/digit"][4] is True and rows["video/motion"][3:] == [None, None]
+
+
 def test_stage3_logs_task_losses_and_weights(three_stages):
     history = [
         json.loads(line) for line in (three_stages[2].run_dir / "history.jsonl").read_text().splitlines()

@@ -12,6 +12,9 @@ only, :func:`evaluate_masked`) never need.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from accelerate import Accelerator
 from torch.utils.data import Dataset
@@ -229,3 +232,31 @@ def accuracy_by(model, bench, column: str, split: str = "test", batch_size: int 
             rows.setdefault(name, []).append(hit)
         out[spec.key] = {name: {"accuracy": sum(r) / len(r), "n": len(r)} for name, r in sorted(rows.items())}
     return out
+
+
+# The Training issue's targets for the full profile (`small`, stages 1 -> 2 -> 3, test split): the metric
+# each is read from and the least value that meets it. ``psnr_gain`` is PSNR over the corrupted input, dB.
+TARGETS: dict[str, tuple[str, float]] = {
+    "image/digit": ("accuracy", 0.97),
+    "audio/digit": ("accuracy", 0.95),
+    "text/digit": ("accuracy", 0.98),
+    "video/digit": ("accuracy", 0.95),
+    "video/motion": ("accuracy", 0.98),
+    "image/denoise": ("psnr_gain", 6.0),
+}
+
+
+def target_table(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
+    """Each of :data:`TARGETS` beside the measured value in ``metrics`` (what :func:`evaluate` returns
+    for one split), as ``{"columns", "rows"}`` for a report; ``met`` is None for a task not evaluated."""
+    rows = []
+    for key, (metric, target) in TARGETS.items():
+        row = metrics.get(key)
+        if row is None:
+            value = None
+        elif metric == "psnr_gain":
+            value = float(row["psnr"]) - float(row["psnr_input"])
+        else:
+            value = float(row[metric])
+        rows.append([key, metric, target, value, None if value is None else value >= target])
+    return {"columns": ["task", "metric", "target", "measured", "met"], "rows": rows}
