@@ -299,7 +299,7 @@ def test_evaluate_by_template_splits_each_text_total_into_its_phrasings(three_st
     torch.set_num_threads(1)  # as the fixture trained and evaluated
     try:
         code = main(["evaluate", "--checkpoint", str(ckpt), "--split", "val", "--by", "template",
-                     "--json", str(tmp_path / "m.json")])  # fmt: skip
+                     "--targets", "--json", str(tmp_path / "m.json")])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -314,6 +314,12 @@ def test_evaluate_by_template_splits_each_text_total_into_its_phrasings(three_st
     assert all("by_template" not in metrics[k] for k in metrics if not k.startswith("text/"))
     printed = capsys.readouterr().out
     assert all(name in printed for name in metrics["text/digit"]["by_template"])  # under its task's line
+    from workbench.evaluate import TARGETS, target_table
+
+    verdicts = {row[0]: row[4] for row in target_table(metrics)["rows"]}  # --targets: one line per target
+    lines = printed.split("targets of the Training issue")[1].splitlines()[1:]
+    assert [line.split()[0] for line in lines] == list(TARGETS)
+    assert [line.split()[-1] for line in lines] == ["met" if verdicts[k] else "missed" for k in TARGETS]
     assert main(["evaluate", "--checkpoint", str(ckpt), "--by", "colour"]) == 2
     assert "no task of this benchmark has a column 'colour'" in capsys.readouterr().err
 

@@ -100,7 +100,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from workbench.config import load_config, read_saved_config
     from workbench.data import load_benchmark
-    from workbench.evaluate import accuracy_by, evaluate
+    from workbench.evaluate import accuracy_by, evaluate, target_lines
     from workbench.inference import Predictor
 
     predictor = Predictor.from_checkpoint(args.checkpoint)  # refuses a bad checkpoint before any work
@@ -121,6 +121,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{args.split:5s} {key:18s} {shown} (n={row['n']})")
         for name, group in row.get(f"by_{args.by}", {}).items():
             print(f"{'':24s}{name:20s} accuracy={group['accuracy']:.4f} (n={group['n']})")
+    if args.targets:
+        print("targets of the Training issue (full profile, test split):")
+        print("\n".join("  " + line for line in target_lines(metrics)))
     return 0
 
 
@@ -327,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write the metrics JSON here")
     p.add_argument("--by", metavar="COLUMN",
                    help="also the accuracy per value of a data column: template (text phrasings), voice (audio)")  # fmt: skip
+    p.add_argument("--targets", action="store_true",
+                   help="also each Training-issue target beside the measured value, met or missed")  # fmt: skip
     _add_config_args(p)
 
     p = add("predict", cmd_predict, "predict every task head of each medium's modality")

@@ -260,3 +260,12 @@ def target_table(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
             value = float(row[metric])
         rows.append([key, metric, target, value, None if value is None else value >= target])
     return {"columns": ["task", "metric", "target", "measured", "met"], "rows": rows}
+
+
+def target_lines(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """:func:`target_table` as aligned text lines (``workbench evaluate --targets``, the stage-3 notebook)."""
+    lines = []
+    for task, metric, target, value, met in target_table(metrics)["rows"]:
+        shown = "not evaluated" if value is None else f"{value:.4f}  " + ("met" if met else "missed")
+        lines.append(f"{task:14s} {metric:9s} >= {target:<5g} {shown}")
+    return lines
