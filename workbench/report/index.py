@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 TABLE12_NOTEBOOK = "13_table12"
+INDEX_PAGE = "index.html"  # in the run directory, beside index.json
 
 _CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
@@ -215,7 +216,7 @@ def write_index(run_dir: Path, data: dict[str, Any]) -> Path:
     """Write a pipeline run's ``index.json`` and ``index.html`` (from ``PipelineResult.to_dict()``) into
     ``run_dir`` and update ``latest``; return the page."""
     (run_dir / "index.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    page = run_dir / "index.html"
+    page = run_dir / INDEX_PAGE
     page.write_text(render_index(data), encoding="utf-8")
     _update_latest(run_dir)
     return page

@@ -30,7 +30,7 @@ from typing import Any
 
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.paths import reports_dir
-from workbench.report.index import machine_info, write_index
+from workbench.report.index import INDEX_PAGE, machine_info, write_index
 from workbench.report.registry import (
     PROFILE_DEFAULTS,
     NotebookSpec,
@@ -91,7 +91,7 @@ class PipelineResult:
 
     @property
     def index_html(self) -> Path:
-        return self.run_dir / "index.html"
+        return self.run_dir / INDEX_PAGE
 
     def to_dict(self) -> dict[str, Any]:
         return {
