@@ -872,7 +872,8 @@ def test_cli_model_prints_components_and_token_counts(capsys):
 # --------------------------------------------------------------------------------- text position shift
 def test_text_shift_moves_each_phrase_in_training_only():
     """model.text_shift: in training a phrase's tokens carry the positions of a random start in [0, K]
-    (token j of a phrase shifted by s has position j + s exactly); in eval, and for signals, nothing moves."""
+    (token j of a phrase shifted by s has position j + s exactly); in eval every phrase starts at the
+    middle of that range, K // 2; signals never move."""
     coords = torch.arange(5.0)[:, None]
     shifted = positions(coords, 32, torch.tensor([0, 3]))
     torch.testing.assert_close(shifted[0], sincos_embedding(coords, 32))
@@ -889,7 +890,7 @@ def test_text_shift_moves_each_phrase_in_training_only():
     model.eval()
     n = still.shape[1]
     grid = torch.arange(float(n))[:, None]
-    content = still - sincos_embedding(grid, still.shape[-1])
+    content = still - sincos_embedding(grid + 3, still.shape[-1])  # eval: every phrase starts at 6 // 2
     candidates = positions(grid, still.shape[-1], torch.arange(7))  # (7, n, dim): every allowed start
     found = set()
     for row in range(64):  # recover each phrase's start from the positions it was given
@@ -910,7 +911,11 @@ def test_text_shift_moves_each_phrase_in_training_only():
         _, image_eval, _ = model.tokenize(image)
         _, again, _ = model.tokenize(text)
     torch.testing.assert_close(image_train, image_eval)  # signals never move
-    torch.testing.assert_close(again, still)  # eval: the phrase starts at 0, deterministic
+    torch.testing.assert_close(again, still)  # eval: deterministic
+    model.text_shift = 0  # off: no shift in eval either
+    with torch.no_grad():
+        _, unshifted, _ = model.tokenize(text)
+    torch.testing.assert_close(unshifted, content + sincos_embedding(grid, still.shape[-1]))
 
 
 # ------------------------------------------------------------------------- text vocabulary and [UNK]

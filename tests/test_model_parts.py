@@ -322,6 +322,44 @@ def test_wave_echo_adds_three_decaying_taps_and_grows_the_clip_by_its_tail():
     patcher(y, grown)  # and the model takes it
 
 
+def test_text_unk_insert_puts_one_unk_at_a_drawn_gap_and_keeps_every_word_in_order():
+    """model.text_unk_insert=q: a phrase grows by exactly one [UNK] (with probability q) at a gap drawn
+    among its length + 1, every word kept in order around it; a phrase at max_text_tokens stays as it
+    is, the draws replay from a seed, and off, nothing is drawn."""
+    from workbench.model.text_tokenizer import PAD_ID, UNK_ID
+
+    cfg = load_config(overrides=["model.preset=tiny", "model.text_unk_insert=0.5", "model.max_text_tokens=6"])
+    patcher = TextPatcher(cfg.model)
+    B = 400
+    lengths = torch.randint(1, 7, (B,), generator=torch.Generator().manual_seed(1))
+    x = torch.full((B, 6), PAD_ID)
+    for i, n in enumerate(lengths.tolist()):
+        x[i, :n] = torch.arange(10, 10 + n)  # distinct known ids, no [UNK]
+    y, grown = patcher.augment_input(x, lengths, torch.Generator().manual_seed(0))
+    assert y.shape == (B, 7)
+    gaps = set()
+    for i, n in enumerate(lengths.tolist()):
+        row, words = y[i].tolist(), list(range(10, 10 + n))
+        if grown[i] == n:  # not drawn, or already at the limit: unchanged
+            assert row == words + [PAD_ID] * (7 - n)
+            continue
+        assert grown[i] == n + 1 and n < 6 and row.count(UNK_ID) == 1
+        gap = row.index(UNK_ID)
+        assert row[:gap] + row[gap + 1 : n + 1] == words and set(row[n + 1 :]) <= {PAD_ID}
+        gaps.add((n, gap))
+    short = lengths < 6
+    share = (grown[short] > lengths[short]).float().mean().item()
+    assert 0.4 < share < 0.6 and (grown[~short] == 6).all()
+    assert {(3, g) for g in range(4)} <= gaps  # every gap of a 3-word phrase, the ends included
+    again, _ = patcher.augment_input(x, lengths, torch.Generator().manual_seed(0))
+    assert torch.equal(again, y)
+    patcher(y, grown)  # and the model takes it
+    off = TextPatcher(load_config(overrides=["model.preset=tiny"]).model)
+    gen = torch.Generator().manual_seed(0)
+    before = gen.get_state()
+    assert off.augment_input(x, lengths, gen) == (x, lengths) and torch.equal(gen.get_state(), before)
+
+
 def test_image_shift_moves_each_image_by_at_most_k_pixels_over_a_black_border():
     """model.image_shift=k: each image's content moves by one offset in [-k, k] along each axis (all
     offsets drawn over a batch), the uncovered border is black, and nothing else changes."""

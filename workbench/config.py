@@ -154,8 +154,10 @@ class ModelConfig:
     )
     text_vocab_size: int = 2000  # rows of the text embedding; the trained vocabulary must fit
     text_unk: float = 0.1  # training only: share of words hidden behind [UNK] (word dropout; off: 0)
+    # training only, classification batches: share of phrases given one [UNK] at a random gap (off: 0)
+    text_unk_insert: float = 0.0
     max_text_tokens: int = 64  # longer text is rejected, never silently truncated
-    text_shift: int = 8  # training only: each phrase's positions start at a random offset in [0, K] (off: 0)
+    text_shift: int = 8  # each phrase's positions start at a random offset in [0, K] in training, at K // 2 in eval (off: 0)
     # Training only, on the batches of classification tasks (dense targets would move with their
     # inputs): augmentation per sample by the patchers (ImagePatcher / AudioPatcher.augment). Off: 0.
     # The full profile sets spec_warp=0.2 (audio alone, 600 updates: audio digit 89.2% vs 87.0%); the
@@ -259,6 +261,7 @@ class ModelConfig:
             )
         _check_choice("model.text_vocab", self.text_vocab, ("word", "bpe"))
         _check_range("model.text_unk", self.text_unk, 0.0, 0.9)
+        _check_range("model.text_unk_insert", self.text_unk_insert, 0.0, 1.0)
         if IMAGE_SIZE % self.patch_size:
             raise ConfigError(f"model.patch_size={self.patch_size} must divide the {IMAGE_SIZE}-pixel images")
         if VIDEO_SIZE % self.video_patch:

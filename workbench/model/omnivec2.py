@@ -319,11 +319,15 @@ class OmniVec2(nn.Module):
     def _shift(self, modality: str, p: Patches, generator: torch.Generator | None) -> Tensor | None:
         """In training, a random start in [0, model.text_shift] per phrase, drawn on the CPU from
         ``generator`` (the training loop passes one seeded by (seed, stage, step), so a resumed run
-        replays the draws); None for signals, in eval, and when off (no draw at all)."""
-        if not (self.training and self.text_shift and self.patchers[modality].discrete):
+        replays the draws); in eval, the middle of that range, ``text_shift // 2``, for every phrase
+        (the edge of the range, 0, read the default run's test phrases 5 points worse: RECIPE.md);
+        None for signals and when off (no draw at all)."""
+        if not (self.text_shift and self.patchers[modality].discrete):
             return None
-        shift = torch.randint(0, self.text_shift + 1, (p.values.shape[0],), generator=generator)
-        return shift.to(p.values.device)
+        B = p.values.shape[0]
+        if not self.training:
+            return torch.full((B,), self.text_shift // 2, device=p.values.device)
+        return torch.randint(0, self.text_shift + 1, (B,), generator=generator).to(p.values.device)
 
     def encode(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
         """Single-stream features g(f(x)): (B, N, w) and the padding mask (B, N)."""

@@ -28,7 +28,7 @@ from workbench.config import ModelConfig
 from workbench.errors import MediaError
 from workbench.modalities import IMAGE_SIZE, SAMPLE_RATE, VIDEO_FRAMES, VIDEO_SIZE
 from workbench.model.audio import frames_for, hz_to_mel, log_mel, mel_filterbank
-from workbench.model.text_tokenizer import MASK_ID, SPECIAL_TOKENS
+from workbench.model.text_tokenizer import MASK_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
 
 
 @dataclass
@@ -435,9 +435,35 @@ class TextPatcher(Patcher):
         self.max_tokens = cfg.max_text_tokens
         self.mask_id = MASK_ID
         self.random_ids = (len(SPECIAL_TOKENS), cfg.text_vocab_size)  # BERT's random replacements
+        self.unk_insert = cfg.text_unk_insert
 
     def describe(self) -> str:
         return f"up to {self.max_tokens} word or sub-word ids, 1-D positions, padding mask"
+
+    def augment_input(
+        self, x: Tensor, lengths: Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``text_unk_insert``: each phrase, with that probability, gets one ``[UNK]`` at a gap drawn
+        uniformly among its length + 1 gaps (a word the vocabulary does not know, where a new phrasing
+        would put one: "Zimmer Nummer 3" reads ``[UNK] [UNK] 3``); word dropout only ever replaces a
+        word. A phrase already at ``max_tokens`` is left as it is. Draws (on the CPU, from
+        ``generator``) only when on; the batch grows by one column only if a phrase grew."""
+        if not self.unk_insert or x.ndim != 2:
+            return x, lengths
+        B, N = x.shape
+        dev = x.device
+        lengths = (x != PAD_ID).sum(1) if lengths is None else lengths.to(dev).long()
+        grow = torch.rand(B, generator=generator) < self.unk_insert
+        gap = (torch.rand(B, generator=generator) * (lengths.cpu() + 1)).floor().long()
+        grow = (grow & (lengths.cpu() < self.max_tokens)).to(dev)
+        if not bool(grow.any()):
+            return x, lengths
+        gap = gap.to(dev)[:, None]
+        j = torch.arange(N + 1, device=dev)[None]  # (1, N + 1)
+        moved = grow[:, None] & (j > gap)  # these read the id one slot to their left
+        y = nn.functional.pad(x, (0, 1), value=PAD_ID).gather(1, j - moved.long())
+        y = torch.where(grow[:, None] & (j == gap), UNK_ID, y)
+        return y, lengths + grow.long()
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Patches:
         if x.ndim != 2 or x.dtype != torch.long:
