@@ -391,15 +391,18 @@ def test_image_shift_moves_each_image_by_at_most_k_pixels_over_a_black_border():
 def test_augmentation_runs_in_training_only_and_on_classification_batches_only():
     """The model augments a batch's patches only in training mode and only for a classification task:
     eval tokens equal a fresh patcher's, a dense task's input (image/denoise, whose target would have to
-    move with it) and text never change, and with every setting at 0 no random number is drawn."""
+    move with it) never change, text only by the inserted [UNK], and with every setting at 0 no random
+    number is drawn."""
     from workbench.modalities import default_tasks
     from workbench.model import build_model
     from workbench.model.synthetic import synthetic_batch
+    from workbench.model.text_tokenizer import UNK_ID
 
     tasks = {t.key: t for t in default_tasks()}
     keys = ("audio/digit", "image/digit", "image/denoise", "text/digit")
     batches = {k: synthetic_batch(tasks[k], 4) for k in keys}
-    noise = ["model.spec_warp=0.1", "model.spec_time_mask=3", "model.image_shift=2", "model.wave_echo=0.5"]
+    noise = ["model.spec_warp=0.1", "model.spec_time_mask=3", "model.image_shift=2", "model.wave_echo=0.5",
+             "model.text_unk_insert=1"]  # fmt: skip
     cfg = load_config(overrides=["model.preset=tiny", *noise, "model.text_unk=0", "model.text_shift=0"])
     model = build_model(cfg, list(tasks.values())).eval()
     with torch.no_grad():
@@ -414,7 +417,12 @@ def test_augmentation_runs_in_training_only_and_on_classification_batches_only()
     assert a.shape != b.shape or not torch.allclose(a, b)  # the echo's tail may add tokens
     assert not torch.allclose(moved["image/digit"], still["image/digit"])
     torch.testing.assert_close(moved["image/denoise"], still["image/denoise"])
-    torch.testing.assert_close(moved["text/digit"], still["text/digit"])
+    n = still["text/digit"].shape[1] + 1
+    assert moved["text/digit"].shape[1] == n  # every phrase grew by one token: one [UNK], nothing else
+    emb = model.tokenizers["text"].weight
+    content = moved["text/digit"] - sincos_embedding(torch.arange(float(n))[:, None], emb.shape[1])
+    unk = torch.isclose(content, emb[UNK_ID].detach(), atol=1e-5).all(-1)  # (B, n)
+    assert (unk.sum(1) == 1).all() and not (batches["text/digit"].x == UNK_ID).any()
     off = load_config(overrides=["model.preset=tiny"]).model
     gen = torch.Generator().manual_seed(0)
     before = gen.get_state()
