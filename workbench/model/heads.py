@@ -67,6 +67,8 @@ class ViTHead(nn.Module):
     attention maps and weights have one shape either way; ``cls`` reads the CLS token's output (ViT).
     Measured here (tiny preset, one task alone, 600 updates of 32): text/digit train accuracy 37% with
     mean vs 21% with CLS, audio/digit test 49% vs 44% (300 updates); image/digit on ``small`` equal.
+    Full profile's stage 3 (6,000 updates, seed 0, test): ``cls`` took video motion from 99.6% to 67.4% and
+    audio digit from 94.5% to 90.0%, text digit 98.25% vs 98.75% (seed 1: mean of 7 92.4% vs 95.2%).
     """
 
     def __init__(self, name: str, in_dim: int, cfg: ModelConfig, task: TaskSpec, token_numel: int | None):
