@@ -352,23 +352,31 @@ def test_batch_scale_sizes_streams_and_pair_updates_score_every_row():
             load_config(overrides=[bad])
 
 
+def _stage3_objective(schedule: str, *overrides: str):
+    """(tasks by key, a tiny model in eval mode, its stage-3 objective of ``schedule``): in eval the
+    model adds no training-time noise, so a loss part can be recomputed from the batch alone."""
+    from workbench.config import load_config
+    from workbench.modalities import default_tasks
+    from workbench.model import build_model
+    from workbench.train.objectives import AlternatingSupervised, MultitaskSupervised
+
+    tasks = {t.key: t for t in default_tasks()}
+    over = ["model.preset=tiny", "train.single_stream=1", f"train.schedule={schedule}", *overrides]
+    cfg = load_config(overrides=over)
+    torch.manual_seed(0)
+    model = build_model(cfg, list(tasks.values())).eval()
+    kind = AlternatingSupervised if schedule == "alternating" else MultitaskSupervised
+    return tasks, model, kind(model, cfg, list(tasks.values()))
+
+
 @pytest.mark.parametrize("schedule", ["pairs", "alternating"])
 def test_label_smoothing_spreads_the_target_in_stage_3_classification_losses_only(schedule):
     import torch.nn.functional as F
 
     from workbench.config import ConfigError, load_config
-    from workbench.modalities import default_tasks
-    from workbench.model import build_model
     from workbench.model.synthetic import synthetic_batch
-    from workbench.train.objectives import AlternatingSupervised, MultitaskSupervised
 
-    tasks = {t.key: t for t in default_tasks()}
-    over = ["model.preset=tiny", "train.single_stream=1", f"train.schedule={schedule}"]
-    cfg = load_config(overrides=[*over, "train.label_smoothing=0.2"])
-    torch.manual_seed(0)
-    model = build_model(cfg, list(tasks.values())).eval()  # eval: no training-time noise to replay
-    kind = AlternatingSupervised if schedule == "alternating" else MultitaskSupervised
-    objective = kind(model, cfg, list(tasks.values()))
+    tasks, model, objective = _stage3_objective(schedule, "train.label_smoothing=0.2")
     batches = [synthetic_batch(tasks["image/digit"], 4), synthetic_batch(tasks["image/denoise"], 4, seed=1)]
     batches = batches[:1] if schedule == "alternating" else batches
     if schedule == "alternating":
@@ -387,3 +395,42 @@ def test_label_smoothing_spreads_the_target_in_stage_3_classification_losses_onl
             )
     with pytest.raises(ConfigError, match="label_smoothing"):
         load_config(overrides=["train.label_smoothing=1"])
+
+
+@pytest.mark.parametrize("schedule", ["pairs", "alternating"])
+def test_mixup_mixes_listed_signal_batches_and_their_targets_and_replays_its_draws(schedule):
+    import torch.nn.functional as F
+
+    from workbench.config import ConfigError, load_config
+    from workbench.model.synthetic import synthetic_batch
+
+    tasks, model, objective = _stage3_objective(schedule, "train.mixup={image: 0.4, audio: 0.4}")
+    image = synthetic_batch(tasks["image/digit"], 8)
+    mixed, perm, lam = objective.mix(image, step=5)
+    assert 0.0 < lam < 1.0 and sorted(perm.tolist()) == list(range(8)) and perm.tolist() != list(range(8))
+    torch.testing.assert_close(mixed.x, lam * image.x + (1 - lam) * image.x[perm])
+    again, perm_again, lam_again = objective.mix(image, step=5)  # a resumed run draws the same
+    assert lam_again == lam and torch.equal(perm_again, perm) and torch.equal(again.x, mixed.x)
+    assert objective.mix(image, step=6)[2] != lam
+    # variable-length rows keep the longer length; dense, text and unlisted batches pass untouched
+    audio = synthetic_batch(tasks["audio/digit"], 6)
+    audio.lengths = torch.tensor([800, 1200, 1600, 2000, 2400, 2400]).clamp(max=audio.x.shape[1])
+    a_mixed, a_perm, _ = objective.mix(audio, step=1)
+    assert torch.equal(a_mixed.lengths, torch.maximum(audio.lengths, audio.lengths[a_perm]))
+    for key in ("image/denoise", "text/digit", "video/digit"):
+        batch = synthetic_batch(tasks[key], 4)
+        assert objective.mix(batch, step=1) == (batch, None, 1.0)
+    # the logged loss is the same mix of the two targets' losses
+    batches = [image, synthetic_batch(tasks["image/denoise"], 4, seed=1)][
+        : 1 if schedule == "alternating" else 2
+    ]
+    if schedule == "alternating":
+        objective.vary = False
+    _, parts = objective(batches, step=5)
+    with torch.no_grad():
+        logits = model.forward_single(mixed, tasks=["digit"])["digit"]
+    expected = lam * F.cross_entropy(logits, image.y) + (1 - lam) * F.cross_entropy(logits, image.y[perm])
+    assert parts["image/digit"].item() == pytest.approx(expected.item(), rel=1e-5)
+    for bad in ("train.mixup={text: 0.2}", "train.mixup={image: -1}"):
+        with pytest.raises(ConfigError, match="mixup"):
+            load_config(overrides=[bad])

@@ -430,6 +430,10 @@ class TrainConfig:
     # Stage 3: the share of each classification target spread evenly over the classes (label smoothing,
     # Szegedy et al. 2016; the ViT/DeiT recipes use 0.1). The losses logged and balanced are these.
     label_smoothing: float = 0.0
+    # Stage 3: mixup (Zhang et al. 2018) per signal modality, {modality: alpha}: each classification
+    # batch of a listed modality becomes lam * x + (1 - lam) * x[perm] with lam ~ Beta(alpha, alpha)
+    # drawn per batch, and its loss lam * CE(y) + (1 - lam) * CE(y[perm]). Empty: off.
+    mixup: dict[str, float] = field(default_factory=dict)
     tracker: str = "tensorboard"  # tensorboard | trackio | mlflow | wandb | none
     out: str = ""  # run directory ("" -> runs/<stage>-<timestamp>)
 
@@ -456,6 +460,9 @@ class TrainConfig:
         for m, r in self.mask_ratio.items():
             _check_choice("train.mask_ratio key", m, MODALITIES)
             _check_range(f"train.mask_ratio.{m}", r, 0.0, 0.99)
+        for m, a in self.mixup.items():
+            _check_choice("train.mixup key", m, SIGNALS)
+            _check_range(f"train.mixup.{m}", a, lo=0.0, hi=100.0)
         for m, r in (self.batch_scale or {}).items():
             _check_choice("train.batch_scale key", m, MODALITIES)
             _check_range(f"train.batch_scale.{m}", r, 0.01, 64.0)

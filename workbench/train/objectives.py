@@ -18,6 +18,7 @@ layers (``model.moe_experts > 0``) every objective adds the routers' load-balanc
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -233,6 +234,8 @@ class MultitaskSupervised(Objective):
         )
         self.single_stream_share = t.single_stream
         self.label_smoothing = t.label_smoothing
+        self.mixup = dict(t.mixup)
+        self.kinds = {s.key: s.kind for s in self.tasks}
         self.by_modality = {m: [s.key for s in self.tasks if s.modality == m] for m in self.modalities}
         self.sampling = task_sampling(t.task_sampling, [s.key for s in self.tasks])
         if self.sampling is not None:  # draw probabilities, fixed for the run
@@ -264,8 +267,35 @@ class MultitaskSupervised(Objective):
             return False  # no draw: pair-only runs stay exactly as before the option existed
         return bool(np.random.default_rng([self.seed, self.stage, step, micro, 2]).random() < p)
 
+    def mix(
+        self, batch: Batch, step: int, micro: int = 0, slot: int = 0
+    ) -> tuple[Batch, torch.Tensor | None, float]:
+        """Mixup (Zhang et al. 2018) of a classification batch whose modality ``train.mixup`` lists:
+        ``(lam * x + (1 - lam) * x[perm], perm, lam)`` with lam ~ Beta(alpha, alpha) for the batch; a
+        variable-length row keeps the longer of its two lengths (padding is zeros). Other batches come
+        back unchanged with ``(None, 1.0)``. The draws are a pure function of (seed, step, micro, slot),
+        so a resumed run replays them."""
+        alpha = self.mixup.get(batch.modality, 0.0)
+        if alpha <= 0 or self.kinds[batch.key] != "classification" or len(batch) < 2:
+            return batch, None, 1.0
+        rng = np.random.default_rng([self.seed, self.stage, step, micro, 3, slot])
+        lam = float(rng.beta(alpha, alpha))
+        perm = torch.from_numpy(rng.permutation(len(batch))).to(batch.x.device)
+        x = lam * batch.x + (1.0 - lam) * batch.x[perm]
+        lengths = None if batch.lengths is None else torch.maximum(batch.lengths, batch.lengths[perm])
+        return replace(batch, x=x, lengths=lengths), perm, lam
+
+    def loss(self, batch: Batch, pred: torch.Tensor, perm: torch.Tensor | None = None, lam: float = 1.0):
+        """The task loss of ``batch``; after :meth:`mix`, the same mix of its two targets' losses."""
+        loss = self.model.task_loss(batch.key, pred, batch.y, self.label_smoothing)
+        if perm is None:
+            return loss
+        return lam * loss + (1.0 - lam) * self.model.task_loss(
+            batch.key, pred, batch.y[perm], self.label_smoothing
+        )
+
     def forward(self, batches: list[Batch], step: int, micro: int = 0):
-        a, b = batches
+        (a, perm_a, lam_a), (b, perm_b, lam_b) = (self.mix(x, step, micro, i) for i, x in enumerate(batches))
         g = self._generator(step, micro)  # training-time text noise: replayed on resume
         if self.single_stream(step, micro):
             pred_a = self.model.forward_single(a, tasks=[a.task], generator=g)[a.task]
@@ -276,8 +306,8 @@ class MultitaskSupervised(Objective):
             pred_a, pred_b = (self._with_rest(p, x, n, g) for p, x in ((pred_a, a), (pred_b, b)))
         losses = _average(
             [
-                (x.key, self.model.task_loss(x.key, p, x.y, self.label_smoothing))
-                for x, p in ((a, pred_a), (b, pred_b))
+                (x.key, self.loss(x, p, perm, lam))
+                for x, p, perm, lam in ((a, pred_a, perm_a, lam_a), (b, pred_b, perm_b, lam_b))
             ]
         )
         return self._with_moe_aux(self.balancer(losses), {k: v.detach() for k, v in losses.items()})
@@ -314,7 +344,6 @@ class AlternatingSupervised(MultitaskSupervised):
         super().__init__(model, cfg, tasks)
         self.vary = cfg.train.vary_resolution
         self.model_cfg = cfg.model
-        self.kinds = {t.key: t.kind for t in self.tasks}
 
     def base_batch_size(self) -> int:
         return self.batch_size
@@ -338,9 +367,10 @@ class AlternatingSupervised(MultitaskSupervised):
     def forward(self, batches: list[Batch], step: int, micro: int = 0):
         (batch,) = batches
         batch, _ = self.at_resolution(batch, step, micro)
+        batch, perm, lam = self.mix(batch, step, micro)
         g = self._generator(step, micro)  # training-time text noise: replayed on resume
         pred = self.model.forward_single(batch, tasks=[batch.task], generator=g)[batch.task]
-        losses = {batch.key: self.model.task_loss(batch.key, pred, batch.y, self.label_smoothing)}
+        losses = {batch.key: self.loss(batch, pred, perm, lam)}
         return self._with_moe_aux(self.balancer(losses), {k: v.detach() for k, v in losses.items()})
 
 
