@@ -289,3 +289,34 @@ def test_strip_check_mode_exit_code(tmp_path):
     assert strip_main(["--check", str(tmp_path / "x.ipynb")]) == 1
     assert strip_main([str(tmp_path / "x.ipynb")]) == 0
     assert strip_main(["--check", str(tmp_path / "x.ipynb")]) == 0
+
+
+def test_a_kernel_importing_the_helpers_skips_jsonschemas_iri_grammar_and_still_validates(repo):
+    """workbench/startup.py: a process that imports workbench.notebook (every notebook kernel) or the
+    pipeline never builds rfc3987_syntax's grammar (5 s per process on a slow CPU), and nbformat still
+    validates. Run in a fresh interpreter: this test process imported jsonschema long ago."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json\n"
+        "import workbench.notebook\n"
+        "import plotly.io as pio\n"
+        "pio.renderers.default\n"  # the renderers module imports nbformat, which imports jsonschema
+        "import nbformat, jsonschema\n"
+        "nb = nbformat.read(sys.argv[1], as_version=4)\n"
+        "nbformat.validate(nb)\n"
+        "checker = jsonschema.FormatChecker()\n"
+        "bad = not checker.conforms('not an email', 'email')\n"
+        "print(json.dumps({'skipped': 'rfc3987_syntax' in sys.modules and sys.modules['rfc3987_syntax'] is None,"
+        " 'jsonschema': 'jsonschema' in sys.modules, 'email_checked': bad}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(repo / "notebooks" / "00_data_tour.ipynb")],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    assert json.loads(out.strip().splitlines()[-1]) == {
+        "skipped": True,
+        "jsonschema": True,
+        "email_checked": True,
+    }

@@ -37,7 +37,10 @@ import numpy as np
 
 from workbench.config import Config, load_config, valid_keys
 from workbench.errors import CheckpointError, ConfigError
+from workbench.startup import skip_iri_format_check
 from workbench.stats import format_mean_spread, mean_spread  # noqa: F401 (the notebooks call wn.*)
+
+skip_iri_format_check()  # before plotly's renderers import nbformat: 5 s less per kernel on a slow CPU
 
 # notebook parameter -> config key. Notebooks may also use any dotted config key directly.
 CONFIG_PARAMETERS: dict[str, str] = {

@@ -43,6 +43,9 @@ from workbench.report.registry import (
     validate,
     with_upstream,
 )
+from workbench.startup import skip_iri_format_check
+
+skip_iri_format_check()  # before papermill and nbconvert import nbformat (workbench/startup.py)
 
 _SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the workbench package
 KERNEL_NAME = "python3"  # ipykernel's native spec: runs on the same interpreter as the pipeline
