@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import nbformat
 import numpy as np
@@ -295,9 +297,6 @@ def test_a_kernel_importing_the_helpers_skips_jsonschemas_iri_grammar_and_still_
     """workbench/startup.py: a process that imports workbench.notebook (every notebook kernel) or the
     pipeline never builds rfc3987_syntax's grammar (5 s per process on a slow CPU), and nbformat still
     validates. Run in a fresh interpreter: this test process imported jsonschema long ago."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, json\n"
         "import workbench.notebook\n"
