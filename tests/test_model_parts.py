@@ -6,10 +6,12 @@ import math
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 from workbench.config import load_config
-from workbench.errors import MediaError
+from workbench.data.audio import prepare_waveform
+from workbench.errors import ConfigError, MediaError
 from workbench.modalities import SAMPLE_RATE
 from workbench.model.attention import Attention, capture_attention
 from workbench.model.audio import frames_for, log_mel, mel_filterbank
@@ -147,8 +149,38 @@ def test_stft_power_matches_a_numpy_reference_frame():
     np.testing.assert_allclose(spec[0, :, k].abs().square().numpy(), ref, rtol=1e-4, atol=1e-3)
 
 
-def test_audio_patches_do_not_depend_on_batch_padding():
-    cfg = load_config(overrides=["model.preset=tiny"]).model
+def test_bin_mean_normalisation_cancels_a_fixed_filter_on_real_speech(fsdd_dir):
+    """model.audio_norm=bin_mean: a fixed linear filter on the waveform (here pre-emphasis and a
+    3-tap low-pass, a microphone's colouring) adds a constant to each mel bin's log power, which the
+    per-bin mean removes; the utterance-wide normalisation keeps it. A real FSDD recording, 8 kHz
+    resampled to 16 kHz as the app and the FSDD loader do."""
+    x, rate = soundfile.read(fsdd_dir / "recordings" / "7_jackson_3.wav", dtype="float32")
+    wave = prepare_waveform(x, rate)[None]
+    n = torch.tensor([wave.shape[1]])
+    coloured = torch.cat([wave[:, :1], wave[:, 1:] - 0.95 * wave[:, :-1]], 1)
+    coloured = torch.nn.functional.conv1d(coloured[:, None], torch.tensor([[[0.25, 0.5, 0.25]]]), padding=1)[
+        :, 0
+    ]
+    cfg = load_config(overrides=["model.preset=small"]).model
+    patcher = AudioPatcher(cfg)
+    change = {}
+    for per_bin in (False, True):
+        a, b = (log_mel(w, n, patcher.window, patcher.fb, cfg.audio_n_fft, cfg.audio_hop, per_bin=per_bin)
+                for w in (wave, coloured))  # fmt: skip
+        assert abs(float(a.std()) - 1.0) < 0.01  # unit variance over the clip either way
+        if per_bin:
+            torch.testing.assert_close(a[0].mean(0), torch.zeros(cfg.n_mels), atol=1e-4, rtol=0)
+        change[per_bin] = float((a - b).abs().mean())
+    assert change[True] < 0.1 < 0.2 < change[False], change
+    on = AudioPatcher(load_config(overrides=["model.preset=small", "model.audio_norm=bin_mean"]).model)
+    assert on.per_bin and not patcher.per_bin
+    with pytest.raises(ConfigError, match=r"model\.audio_norm"):
+        load_config(overrides=["model.audio_norm=cepstral"])
+
+
+@pytest.mark.parametrize("norm", ["utterance", "bin_mean"])
+def test_audio_patches_do_not_depend_on_batch_padding(norm):
+    cfg = load_config(overrides=["model.preset=tiny", f"model.audio_norm={norm}"]).model
     patcher = AudioPatcher(cfg)
     g = torch.Generator().manual_seed(3)
     short = torch.randn(1, 7000, generator=g)

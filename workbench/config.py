@@ -142,6 +142,9 @@ class ModelConfig:
     audio_patch: list[int] = field(
         default_factory=lambda: [8, 16]
     )  # (time frames, mel bins) per audio patch: 2 s -> 13 x 4 = 52 tokens
+    # log-mel normalisation per clip: utterance (one mean and scale) | bin_mean (each mel bin's own mean
+    # subtracted first: cepstral mean normalisation, a fixed filter on the waveform cancels; audio.py)
+    audio_norm: str = "utterance"
     max_audio_seconds: float = 2.0  # longer waveforms are rejected (MediaError), never truncated
     image_norm: list[float] = field(
         default_factory=lambda: [0.131, 0.308]
@@ -187,6 +190,7 @@ class ModelConfig:
         _check_choice("model.fusion", self.fusion, ("hybrid", "early", "late"))
         _check_choice("model.head_pool", self.head_pool, ("mean", "cls"))
         _check_choice("model.init", self.init, ("xavier", "trunc_normal"))
+        _check_choice("model.audio_norm", self.audio_norm, ("utterance", "bin_mean"))
         for m, kind in self.stem.items():
             _check_choice("model.stem key", m, SIGNALS)
             _check_choice(f"model.stem.{m}", kind, ("linear", "conv", "both"))

@@ -14,6 +14,11 @@ Conventions (all standard, written down so the numbers can be checked by hand):
 * Log: ``log(mel power + 1e-10)``, floored at 80 dB below the row's maximum (librosa's ``top_db``),
   then normalised per utterance to zero mean and unit variance over the valid frames (loudness and
   recording level do not matter). Frames beyond a row's length are set to 0 after normalisation.
+* ``per_bin=True`` (``model.audio_norm=bin_mean``): each mel bin's mean over the valid frames is
+  subtracted before the utterance-wide scaling, i.e. cepstral mean normalisation in the log-mel
+  domain (Atal 1974): a fixed linear filter on the waveform (a microphone, a room's colouring, a
+  voice's long-term spectral envelope) adds a constant to each bin's log power, and that constant
+  is removed. The frames' relative dynamics across bins are kept (one scale for the whole clip).
 """
 
 from __future__ import annotations
@@ -54,7 +59,9 @@ def frames_for(n_samples: Tensor | int, hop: int) -> Tensor | int:
     return 1 + n_samples // hop
 
 
-def log_mel(wave: Tensor, lengths: Tensor, window: Tensor, fb: Tensor, n_fft: int, hop: int) -> Tensor:
+def log_mel(
+    wave: Tensor, lengths: Tensor, window: Tensor, fb: Tensor, n_fft: int, hop: int, per_bin: bool = False
+) -> Tensor:
     """wave (B, L) float, lengths (B,) samples -> normalised log-mel (B, frames, n_mels), float32.
 
     Runs in float32 with autocast disabled (FFT and logs are not bf16-safe).
@@ -73,6 +80,9 @@ def log_mel(wave: Tensor, lengths: Tensor, window: Tensor, fb: Tensor, n_fft: in
         top = logmel.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(dim=(1, 2), keepdim=True)
         logmel = torch.maximum(logmel, top - _LN_TOP)
         count = v.sum(dim=(1, 2), keepdim=True) * logmel.shape[2]
-        mean = (logmel * v).sum(dim=(1, 2), keepdim=True) / count
+        if per_bin:  # (B, 1, n_mels): each bin's mean over the clip's frames
+            mean = (logmel * v).sum(dim=1, keepdim=True) / v.sum(dim=1, keepdim=True)
+        else:
+            mean = (logmel * v).sum(dim=(1, 2), keepdim=True) / count
         var = (((logmel - mean) * v) ** 2).sum(dim=(1, 2), keepdim=True) / count
         return (logmel - mean) / torch.sqrt(var + 1e-5) * v  # padding frames -> 0

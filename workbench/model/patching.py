@@ -276,6 +276,7 @@ class AudioPatcher(Patcher):
         self.register_buffer("mel_centres", centres, persistent=False)
         self.warp, self.tilt, self.warp_ends = cfg.spec_warp, cfg.spec_tilt, cfg.spec_warp_ends
         self.freq_mask, self.time_mask = cfg.spec_freq_mask, cfg.spec_time_mask
+        self.per_bin = cfg.audio_norm == "bin_mean"
         self.echo = cfg.wave_echo
         self.echo_samples = [round(ms * SAMPLE_RATE / 1000) for ms in cfg.wave_echo_ms]
 
@@ -298,7 +299,9 @@ class AudioPatcher(Patcher):
             )
         if shortest < 1 or longest > L:
             raise MediaError(f"audio lengths must be in [1, {L}] samples; got {lengths.tolist()}")
-        spec = log_mel(x[:, :longest], lengths, self.window, self.fb, self.n_fft, self.hop)  # (B, T, n_mels)
+        spec = log_mel(  # (B, T, n_mels)
+            x[:, :longest], lengths, self.window, self.fb, self.n_fft, self.hop, per_bin=self.per_bin
+        )
         valid_t = (frames_for(lengths, self.hop) + self.pt - 1) // self.pt  # (B,) time patches per row
         gt = int(valid_t.max())
         T = gt * self.pt
