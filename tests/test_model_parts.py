@@ -158,9 +158,8 @@ def test_bin_mean_normalisation_cancels_a_fixed_filter_on_real_speech(fsdd_dir):
     wave = prepare_waveform(x, rate)[None]
     n = torch.tensor([wave.shape[1]])
     coloured = torch.cat([wave[:, :1], wave[:, 1:] - 0.95 * wave[:, :-1]], 1)
-    coloured = torch.nn.functional.conv1d(coloured[:, None], torch.tensor([[[0.25, 0.5, 0.25]]]), padding=1)[
-        :, 0
-    ]
+    low_pass = torch.tensor([[[0.25, 0.5, 0.25]]])
+    coloured = torch.nn.functional.conv1d(coloured[:, None], low_pass, padding=1)[:, 0]
     cfg = load_config(overrides=["model.preset=small"]).model
     patcher = AudioPatcher(cfg)
     change = {}
