@@ -9,7 +9,7 @@ import pytest
 import soundfile
 import torch
 
-from workbench.config import load_config
+from workbench.config import load_config, to_dict, upgrade_model_keys
 from workbench.data.audio import prepare_waveform
 from workbench.errors import ConfigError, MediaError
 from workbench.modalities import SAMPLE_RATE
@@ -175,6 +175,11 @@ def test_bin_mean_normalisation_cancels_a_fixed_filter_on_real_speech(fsdd_dir):
     assert on.per_bin and not patcher.per_bin
     with pytest.raises(ConfigError, match=r"model\.audio_norm"):
         load_config(overrides=["model.audio_norm=cepstral"])
+    # a model section saved before model.audio_norm existed was built with one mean and scale per clip
+    saved = to_dict(load_config(overrides=["model.preset=small", "model.audio_norm=bin_mean"]))["model"]
+    del saved["audio_norm"]
+    upgrade_model_keys(saved)
+    assert saved["audio_norm"] == "utterance"
 
 
 @pytest.mark.parametrize("norm", ["utterance", "bin_mean"])

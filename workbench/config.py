@@ -741,6 +741,7 @@ def upgrade_model_keys(model: dict[str, Any]) -> None:
     model.setdefault("stem_trunk", "strided")  # before model.stem_trunk: the strided stem
     model.setdefault("dense_refine", 0)  # before model.dense_refine: no refiner
     model.setdefault("dense_refine_depth", 3)  # before model.dense_refine_depth: three convolutions
+    model.setdefault("audio_norm", "utterance")  # before model.audio_norm: one mean and scale per clip
     stem = model.get("stem", "linear")  # before model.stem: linear patch projections
     if isinstance(stem, str):  # before the per-signal mapping: one kind for model.stem_modalities
         # (before model.stem_modalities: a conv stem embedded every signal)
