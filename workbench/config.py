@@ -144,7 +144,8 @@ class ModelConfig:
     )  # (time frames, mel bins) per audio patch: 2 s -> 13 x 4 = 52 tokens
     # log-mel normalisation per clip: utterance (one mean and scale) | bin_mean (each mel bin's own mean
     # subtracted first: cepstral mean normalisation, a fixed filter on the waveform cancels; audio.py).
-    # bin_mean won audio alone from scratch on 3 seeds and tied on the full profile: off (RECIPE.md).
+    # bin_mean won audio alone from scratch on 3 seeds, tied on the full profile and lost the val mean of 7
+    # over 3 seeds of the default run: off (RECIPE.md).
     audio_norm: str = "utterance"
     max_audio_seconds: float = 2.0  # longer waveforms are rejected (MediaError), never truncated
     image_norm: list[float] = field(
