@@ -175,11 +175,18 @@ def test_bin_mean_normalisation_cancels_a_fixed_filter_on_real_speech(fsdd_dir):
     assert on.per_bin and not patcher.per_bin
     with pytest.raises(ConfigError, match=r"model\.audio_norm"):
         load_config(overrides=["model.audio_norm=cepstral"])
-    # a model section saved before model.audio_norm existed was built with one mean and scale per clip
+
+
+def test_a_model_saved_before_audio_norm_existed_reloads_with_one_mean_and_scale_per_clip():
+    """Whatever the default becomes, a checkpoint or run config written before ``model.audio_norm``
+    existed is read back with the normalisation it was trained with."""
     saved = to_dict(load_config(overrides=["model.preset=small", "model.audio_norm=bin_mean"]))["model"]
     del saved["audio_norm"]
     upgrade_model_keys(saved)
     assert saved["audio_norm"] == "utterance"
+    kept = to_dict(load_config(overrides=["model.audio_norm=bin_mean"]))["model"]
+    upgrade_model_keys(kept)
+    assert kept["audio_norm"] == "bin_mean"  # a saved choice is never overwritten
 
 
 @pytest.mark.parametrize("norm", ["utterance", "bin_mean"])
