@@ -44,11 +44,14 @@ CHROMIUM = "/usr/bin/chromium"
 # accuracy: 30 updates (the reader below is the checkpoint that has to read digits).
 TRAIN = ["model.preset=tiny", "data.scale=0.1", "train.steps=30", "train.batch_size=64", "train.lr=5e-4",
          "train.warmup_steps=10", "train.log_every=100", "train.tracker=none"]  # fmt: skip
-# A checkpoint that reads digits: the image tasks alone, every update through the inference path,
-# xavier init. Measured: 64.8% test accuracy, 16 of the 20 typical images below right (~50 s, 1 thread).
+# A checkpoint that reads digits: image/digit alone (image/denoise never drawn: its head stays as built),
+# every update through the inference path, xavier init. Measured: 79.6% test accuracy and 19 of the 20
+# typical images below right in 300 updates (~37 s, 1 thread); 600 shared with image/denoise gave 72.8%
+# and 16 of 20 in twice the time.
 READER = ["model.preset=tiny", "model.init=xavier", "data.modalities=[image]", "data.scale=0.5",
-          "train.steps=600", "train.batch_size=64", "train.lr=3e-3", "train.warmup_steps=20",
-          "train.single_stream=1", "train.log_every=100", "train.tracker=none"]  # fmt: skip
+          "train.steps=300", "train.batch_size=64", "train.lr=3e-3", "train.warmup_steps=20",
+          "train.task_sampling={image/denoise: 0}", "train.single_stream=1", "train.log_every=100",
+          "train.tracker=none"]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ fixtures
