@@ -404,13 +404,14 @@ def test_tiny_imp_run_learns_image_digit_above_chance(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        # image only (digit and denoise alternate), 400 updates of 64; 100 test images at data.scale=0.2
-        cfg = load_config(overrides=[*TRAIN, "train.steps=400", "train.batch_size=64", "data.scale=0.2"])
+        # image only (digit and denoise alternate), 250 updates of 64; 100 test images at data.scale=0.2
+        cfg = load_config(overrides=[*TRAIN, "train.steps=250", "train.batch_size=64", "data.scale=0.2"])
         result = train(cfg, tmp_path / "run")
     finally:
         torch.set_num_threads(threads)
     test = result.metrics["test"]
     assert test["image/digit"]["n"] == 100
-    # chance is 0.1; 0.18 is beyond chance's 99th percentile on 100 images (this seed reaches 0.30)
+    # chance is 0.1; 0.18 is beyond chance's 99th percentile on 100 images (this seed reaches 0.29; 0.31 at
+    # 400 updates)
     assert test["image/digit"]["accuracy"] >= 0.18, test["image/digit"]
     assert test["image/denoise"]["psnr"] > test["image/denoise"]["psnr_input"]
