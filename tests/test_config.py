@@ -88,6 +88,21 @@ def test_preset_fills_model_and_explicit_keys_win():
     assert wider.model.dim == 64 and wider.model.depth_f == MODEL_PRESETS["tiny"]["depth_f"]
 
 
+def test_the_last_layer_naming_a_preset_picks_it_and_a_load_leaves_the_next_untouched(tmp_path):
+    """load_config merges every layer into one copy of a schema built once: the preset comes from the
+    last layer that names one (here the overrides over a file), and nothing of one load reaches the next."""
+    fresh = to_dict(load_config())
+    f = tmp_path / "a.yaml"
+    f.write_text("model:\n  preset: base\n  dim: 96\ndata:\n  folders: {x: /tmp}\n")
+    cfg = load_config(files=[f], overrides=["model.preset=tiny", "train.steps=7"])
+    assert cfg.model.preset == "tiny" and cfg.model.depth_f == MODEL_PRESETS["tiny"]["depth_f"]
+    assert cfg.model.dim == 96 and cfg.data.folders == {"x": "/tmp"} and cfg.train.steps == 7
+    assert load_config(files=[f]).model.depth_f == MODEL_PRESETS["base"]["depth_f"]
+    with pytest.raises(ConfigError, match=r"model\.preset='3' is not one of"):
+        load_config(files=[f], overrides=["model.preset=3"])
+    assert to_dict(load_config()) == fresh == to_dict(from_dict(fresh))
+
+
 def test_file_then_overrides_order(tmp_path):
     f = tmp_path / "a.yaml"
     f.write_text("train:\n  steps: 5\n  lr: 0.01\n")
