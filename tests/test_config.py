@@ -91,7 +91,7 @@ def test_preset_fills_model_and_explicit_keys_win():
 def test_the_last_layer_naming_a_preset_picks_it_and_a_load_leaves_the_next_untouched(tmp_path):
     """load_config merges every layer into one copy of a schema built once: the preset comes from the
     last layer that names one (here the overrides over a file), and nothing of one load reaches the next."""
-    fresh = to_dict(load_config())
+    fresh, presets = to_dict(load_config()), json.loads(json.dumps(MODEL_PRESETS))
     f = tmp_path / "a.yaml"
     f.write_text("model:\n  preset: base\n  dim: 96\ndata:\n  folders: {x: /tmp}\n")
     cfg = load_config(files=[f], overrides=["model.preset=tiny", "train.steps=7"])
@@ -100,7 +100,9 @@ def test_the_last_layer_naming_a_preset_picks_it_and_a_load_leaves_the_next_unto
     assert load_config(files=[f]).model.depth_f == MODEL_PRESETS["base"]["depth_f"]
     with pytest.raises(ConfigError, match=r"model\.preset='3' is not one of"):
         load_config(files=[f], overrides=["model.preset=3"])
+    load_config(overrides=["model.preset=tiny", "model.fc_dims=[8,8,8]", "model.stem.image=linear"])
     assert to_dict(load_config()) == fresh == to_dict(from_dict(fresh))
+    assert json.loads(json.dumps(MODEL_PRESETS)) == presets  # the presets merged underneath stay as written
 
 
 def test_file_then_overrides_order(tmp_path):

@@ -660,7 +660,7 @@ def _schema() -> DictConfig:
     return OmegaConf.structured(Config)
 
 
-def _layer_preset(layer: Any) -> Any:
+def _layer_preset(layer: Any) -> str | None:
     """``model.preset`` as a layer sets it (a string, as the typed merge makes it), or None."""
     model = layer.get("model") if isinstance(layer, DictConfig) else None
     preset = model.get("preset") if isinstance(model, DictConfig) else None
