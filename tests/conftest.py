@@ -30,6 +30,7 @@ FILE_SECONDS = {
     "test_fusion.py": 30,
     "test_bench.py": 30,
     "test_pipeline.py": 30,
+    "test_adapt.py": 30,
 }
 
 

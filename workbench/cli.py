@@ -163,12 +163,19 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from workbench.adapt import adapt, write_result
 
     r = adapt(
-        args.checkpoint, args.dataset, args.dir, fraction=args.fraction, epochs=args.epochs, seed=args.seed
+        args.checkpoint,
+        args.dataset,
+        args.dir,
+        fraction=args.fraction,
+        epochs=args.epochs,
+        seed=args.seed,
+        features=args.features,
     )
     if args.json:
         write_result(r, args.json)
-    print(f"{r.task} ({r.dataset}): accuracy {r.accuracy:.4f}, macro-F1 {r.macro_f1:.4f} on {r.test_samples} "
-          f"test samples; two FC layers trained on {r.train_samples} ({r.fraction:.0%}) in {r.seconds:.0f}s")  # fmt: skip
+    print(f"{r.task} ({r.dataset}, {r.features} features): accuracy {r.accuracy:.4f}, macro-F1 "
+          f"{r.macro_f1:.4f} on {r.test_samples} test samples; two FC layers trained on {r.train_samples} "
+          f"({r.fraction:.0%}) in {r.seconds:.0f}s")  # fmt: skip
     return 0
 
 
@@ -358,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--fraction", type=float, default=0.1, help="share of the training split used (default 0.1)"
     )
     p.add_argument("--epochs", type=int, default=200, help="epochs of the two FC layers (default 200)")
+    p.add_argument(
+        "--features",
+        choices=("network", "last", "random", "input"),
+        default="network",
+        help="what the two layers read: the network's tokens at three depths, averaged (default), or "
+        "its last layer's only; for reference, the same architecture freshly initialised, or its front end "
+        "alone (pixels, log-mel statistics)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write the result here")
 

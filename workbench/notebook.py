@@ -91,6 +91,22 @@ def _check_list(name: str, value: Any, kind: type) -> list:
     return list(value)
 
 
+def _check_adapt_datasets(value: Any) -> None:
+    """``adapt_datasets``: ``[kind, directory]`` pairs, ``kind`` one of ``workbench adapt``'s datasets."""
+    from workbench.adapt import DATASETS
+
+    pairs = value if isinstance(value, list | tuple) else [value]
+    for pair in pairs:
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
+            raise ConfigError(
+                f"notebook parameter adapt_datasets={value!r} must be a list of [kind, directory] pairs"
+            )
+        if pair[0] not in DATASETS:
+            raise ConfigError(
+                f"notebook parameter adapt_datasets names {pair[0]!r}; the kinds are {list(DATASETS)}"
+            )
+
+
 def _nest(dotted: str, value: Any, into: dict) -> None:
     *parents, leaf = dotted.split(".")
     node = into
@@ -138,6 +154,14 @@ def setup(parameters: Mapping[str, Any], stage: int | None = None) -> Config:
             overrides = _check_list(name, value, str)
         elif name == "ablation_dirs":
             _check_list(name, value, str)
+        elif name == "adapt_datasets":
+            _check_adapt_datasets(value)
+        elif name == "adapt_seeds":
+            if not _check_list(name, value, int):
+                raise ConfigError("notebook parameter adapt_seeds=[] is empty; give at least one seed")
+        elif name == "adapt_epochs":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"notebook parameter adapt_epochs={value!r} must be a whole number >= 1")
         elif name == "budget":
             from workbench.ablation import BUDGETS
 
