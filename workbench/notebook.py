@@ -70,6 +70,9 @@ NOTEBOOK_PARAMETERS = (
     "checkpoint",
     "ablation_dirs",
     "budget",
+    "adapt_datasets",
+    "adapt_seeds",
+    "adapt_epochs",
 )
 PLOTLY_RENDERER = "plotly_mimetype+notebook"  # interactive in JupyterLab, plotly.js embedded for HTML
 
