@@ -27,9 +27,13 @@ from workbench.model import OmniVec2, build_model
 
 
 @pytest.fixture(scope="module")
-def fsdd(fsdd_dir, tmp_path_factory):
-    cfg = DataConfig(cache_dir=str(tmp_path_factory.mktemp("cache")))
-    return load_new_dataset("fsdd", fsdd_dir, cfg, seed=0)
+def fsdd_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def fsdd(fsdd_dir, fsdd_cache):
+    return load_new_dataset("fsdd", fsdd_dir, DataConfig(cache_dir=str(fsdd_cache)), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +111,9 @@ def test_the_untrained_reference_is_the_same_architecture_with_fresh_seeded_weig
     assert not any(p.requires_grad for p in a.parameters())
 
 
-def test_adapt_learns_real_recordings_and_refuses_bad_arguments(checkpoint, fsdd_dir, tmp_path, capsys,
-                                                                 monkeypatch):  # fmt: skip
-    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+def test_adapt_learns_real_recordings_and_refuses_bad_arguments(checkpoint, fsdd_dir, fsdd_cache, tmp_path,
+                                                                 capsys, monkeypatch):  # fmt: skip
+    monkeypatch.setenv("WORKBENCH_CACHE", str(fsdd_cache))  # the recordings decoded once for the module
     out = tmp_path / "adapt.json"
     args = ["adapt", "--checkpoint", str(checkpoint), "--dataset", "fsdd", "--dir", str(fsdd_dir)]
     assert main([*args, "--features", "input", "--epochs", "50", "--json", str(out)]) == 0
