@@ -119,6 +119,9 @@ def test_adapt_learns_real_recordings_and_refuses_bad_arguments(checkpoint, fsdd
     assert main([*args, "--features", "input", "--epochs", "50", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["features"] == "input" and result["task"] == "audio/digit"
+    settings = {"checkpoint": str(checkpoint.resolve()), "directory": str(fsdd_dir.resolve()), "seed": 0,
+                "epochs": 50, "fraction": 0.1}  # fmt: skip
+    assert settings.items() <= result.items()  # the JSON says how to reproduce it
     assert result["train_samples"] == 140 and result["test_samples"] == 500  # 10% of 3 speakers; the 4th
     assert result["accuracy"] > 0.18, result  # chance is 0.10; measured 0.26-0.29 over seeds 0-2
     assert "input features): accuracy" in capsys.readouterr().out

@@ -44,6 +44,8 @@ FEATURES = ("network", "last", "random", "input")
 
 @dataclasses.dataclass
 class AdaptResult:
+    """One adaptation's figures and every setting that produced them (the JSON beside a result)."""
+
     dataset: str
     task: str
     features: str
@@ -53,6 +55,12 @@ class AdaptResult:
     accuracy: float
     macro_f1: float
     seconds: float
+    checkpoint: str = ""
+    directory: str = ""
+    seed: int = 0
+    epochs: int = 0
+    hidden: int = 0
+    lr: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -198,8 +206,10 @@ def adapt(
     acc = MulticlassAccuracy(spec.num_classes, average="micro")(pred, y_test).item()
     f1 = MulticlassF1Score(spec.num_classes, average="macro")(pred, y_test).item()
     return AdaptResult(
-        kind, spec.key, features, fraction, len(train), len(test), acc, f1, time.perf_counter() - started
-    )
+        kind, spec.key, features, fraction, len(train), len(test), acc, f1, time.perf_counter() - started,
+        checkpoint=str(Path(checkpoint).resolve()), directory=str(Path(directory).resolve()), seed=seed,
+        epochs=epochs, hidden=hidden, lr=lr,
+    )  # fmt: skip
 
 
 def write_result(result: AdaptResult, path: str | Path) -> None:
