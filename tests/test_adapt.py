@@ -121,7 +121,7 @@ def test_adapt_learns_real_recordings_and_refuses_bad_arguments(checkpoint, fsdd
     assert result["features"] == "input" and result["task"] == "audio/digit"
     settings = {"checkpoint": str(checkpoint.resolve()), "directory": str(fsdd_dir.resolve()), "seed": 0,
                 "epochs": 50, "fraction": 0.1}  # fmt: skip
-    assert settings.items() <= result.items()  # the JSON says how to reproduce it
+    assert settings.items() <= result.items() and result["overrides"] == []  # how to reproduce it
     assert result["train_samples"] == 140 and result["test_samples"] == 500  # 10% of 3 speakers; the 4th
     assert result["accuracy"] > 0.18, result  # chance is 0.10; measured 0.26-0.29 over seeds 0-2
     assert "input features): accuracy" in capsys.readouterr().out
@@ -129,6 +129,13 @@ def test_adapt_learns_real_recordings_and_refuses_bad_arguments(checkpoint, fsdd
                          (["--fraction", "1.5"], "fraction=1.5 must be in (0, 1]")):  # fmt: skip
         assert main([*args, *bad]) == 2
         assert message in capsys.readouterr().err
+    # another held-out speaker through a data override, recorded in the JSON; nothing else may be overridden
+    george = "data.fsdd_holdout_speakers=[george]"
+    assert main([*args, "--features", "input", "--epochs", "5", "--json", str(out), george]) == 0
+    result = json.loads(out.read_text())
+    assert result["overrides"] == [george] and result["test_samples"] == 500
+    assert main([*args, "model.preset=small"]) == 2
+    assert "adapt takes data.* overrides only" in capsys.readouterr().err
     idx = ["adapt", "--checkpoint", str(checkpoint), "--dataset", "idx", "--dir", str(tmp_path)]
     assert main(idx) == 2
     assert "has no train-images/train-labels IDX pair" in capsys.readouterr().err

@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ class AdaptResult:
     epochs: int = 0
     hidden: int = 0
     lr: float = 0.0
+    overrides: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -163,10 +165,13 @@ def adapt(
     lr: float = 3e-3,
     seed: int = 0,
     features: str = "network",
+    overrides: Sequence[str] = (),
 ) -> AdaptResult:
     """Freeze ``checkpoint``'s network, train two FC layers on ``fraction`` of a new dataset, test it.
     ``features``: ``network`` (the checkpoint's, three depths), ``last`` (``g``'s output only),
-    ``random`` (its architecture, fresh weights) or ``input`` (its front end alone); see the module."""
+    ``random`` (its architecture, fresh weights) or ``input`` (its front end alone); see the module.
+    ``overrides``: ``data.*`` settings over the checkpoint's, e.g. ``data.fsdd_holdout_speakers=[george]``
+    (the network is the checkpoint's, so nothing else may be overridden)."""
     from workbench.data.benchmark import TaskDataset
     from workbench.model import OmniVec2
 
@@ -176,10 +181,13 @@ def adapt(
         raise ConfigError(f"epochs={epochs} must be at least 1")
     if features not in FEATURES:
         raise ConfigError(f"unknown features {features!r}; choose one of {list(FEATURES)}")
+    not_data = [o for o in overrides if not o.startswith("data.")]
+    if not_data:
+        raise ConfigError(f"adapt takes data.* overrides only (the network is the checkpoint's): {not_data}")
     started = time.perf_counter()
     seed_everything(seed)
     model = OmniVec2.from_pretrained(checkpoint).requires_grad_(False)
-    data_cfg = load_config(base=read_saved_config(Path(checkpoint) / "config.json")).data
+    data_cfg = load_config(base=read_saved_config(Path(checkpoint) / "config.json"), overrides=overrides).data
     table = load_new_dataset(kind, directory, data_cfg, seed)
     spec = table.spec
     if spec.modality not in model.modalities:
@@ -208,7 +216,7 @@ def adapt(
     return AdaptResult(
         kind, spec.key, features, fraction, len(train), len(test), acc, f1, time.perf_counter() - started,
         checkpoint=str(Path(checkpoint).resolve()), directory=str(Path(directory).resolve()), seed=seed,
-        epochs=epochs, hidden=hidden, lr=lr,
+        epochs=epochs, hidden=hidden, lr=lr, overrides=list(overrides),
     )  # fmt: skip
 
 

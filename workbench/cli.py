@@ -170,6 +170,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         seed=args.seed,
         features=args.features,
+        overrides=args.overrides,
     )
     if args.json:
         write_result(r, args.json)
@@ -375,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write the result here")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="data.key=value",
+        help="data settings over the checkpoint's, e.g. data.fsdd_holdout_speakers=[george]",
+    )
 
     p = add("pipeline", cmd_pipeline, "run the notebooks headlessly (papermill) into a browsable report")
     p.add_argument(

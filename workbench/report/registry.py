@@ -108,10 +108,6 @@ _STAGE3_MINUTES_PER_1500 = 12
 # digit 84.0% vs 82.7%, motion 99.8%, mean of 7 90.9% vs 87.7%. In the default run the same two
 # settings took motion from 98.4% to 58.2% (RESULTS.md). Denoise draws 1.5 as well:
 # with the nine-convolution refiner, +6.00 vs +5.63 dB over its input, mean of 7 90.3% vs 90.5%.
-# The evaluation notebook's unseen datasets in the full profile, relative to notebooks/ (the shared FSDD
-# recordings beside the repository; Debian's dataset-fashion-mnist package).
-ADAPT_DATASETS_FULL = [["fsdd", "../../shared/data/fsdd"], ["idx", "/usr/share/datasets/fashion-mnist"]]
-
 FULL_STAGE3_OVERRIDES = [
     "model.spec_warp=0.2",
     "train.label_smoothing=0.1",  # mean of 7 +1.2 (seed 0) and +0.8 (seed 1) at 4,500 updates (RESULTS.md)
@@ -119,6 +115,10 @@ FULL_STAGE3_OVERRIDES = [
     "train.task_sampling={text/digit: 4, text/language: 0.5, video/digit: 1.5, video/motion: 0.5, "
     "image/denoise: 1.5}",
 ]
+
+# The evaluation notebook's unseen datasets in the full profile, relative to notebooks/ (the shared FSDD
+# recordings beside the repository; Debian's dataset-fashion-mnist package).
+ADAPT_DATASETS_FULL = [["fsdd", "../../shared/data/fsdd"], ["idx", "/usr/share/datasets/fashion-mnist"]]
 
 
 # Table 12's rows train 1-3 stages each (the `single` rows once per column modality), so the ablations
