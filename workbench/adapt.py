@@ -106,8 +106,8 @@ def input_features(model, batch) -> torch.Tensor:
     values = p.values.float()
     if batch.lengths is None:
         return values.flatten(1)
-    (gt, gf), (pt, pf), B = p.grid, patcher.patch_shape, values.shape[0]
-    spec = values.reshape(B, gt, gf, pt, pf).transpose(2, 3).reshape(B, gt * pt, gf * pf)  # (B, frames, bins)
+    (gt, gf), pt, B = p.grid, patcher.patch_shape[0], values.shape[0]
+    spec = patcher._spectrogram(values)  # (B, frames, bins): the patcher's own inverse of its patching
     keep = torch.ones(B, gt) if p.padding is None else (~p.padding).reshape(B, gt, gf)[..., 0].float()
     keep = keep.repeat_interleave(pt, 1)[..., None]  # (B, frames, 1)
     n = keep.sum(1)
