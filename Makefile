@@ -18,12 +18,11 @@ TEST_WORKERS ?= 2
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
 
-# A current pip resolves this set in half the time of Python 3.11's bundled 23.x. Bytecode: with
-# PYTHONDONTWRITEBYTECODE set (as on CI machines here) no process writes .pyc files, and every kernel and
-# subprocess compiled torch again (the suite ran 30% slower). Byte-compiling all 2.3 GB of the venv up
-# front (pip's default, or compileall) costs ~1 min; instead the recipes below run with the variable
-# unset, so the first process to import a module writes its .pyc and every later one reads it (~15 s
-# for what the suite imports). Commands typed outside make (`.venv/bin/workbench train ...`) keep the
+# Bytecode: with PYTHONDONTWRITEBYTECODE set (as on CI machines here) no process writes .pyc files, and
+# every kernel and subprocess compiled torch again (the suite ran 30% slower). Byte-compiling all 2.3 GB
+# of the venv up front (compileall) costs ~1 min; instead the recipes below run with the variable unset,
+# so the first process to import a module writes its .pyc and every later one reads it (~15 s for what
+# the suite imports). Commands typed outside make (`.venv/bin/workbench train ...`) keep the
 # variable, so every target that leads to them also writes, once, the .pyc of what the commands import
 # ($(WARMED): WARM_TORCH and WARM_UI in two processes at once, ~30 s): without them every such process
 # compiled ~3,000 modules again (a 1-update stage 3 with its evaluation: 47 s against 27 s). `make test`
@@ -34,10 +33,17 @@ WARM_TORCH := torch._dynamo torchmetrics workbench.cli workbench.train.loop work
 WARM_UI := gradio papermill nbconvert plotly.graph_objects ipykernel.kernelapp workbench.report.pipeline
 IMPORT := $(PY) -c "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
 
+# The install: pip fetches uv into the venv, and uv installs the project (60 s of pip's single-threaded
+# resolving and unpacking became 14 s from a cold cache). uv reads no pip configuration, so pip's
+# find-links (here a local CPU torch wheel) are handed over; like pip it prefers 2.13.0+cpu to 2.13.0.
+# (evaluated by the shell as the recipe runs, once the venv's pip exists)
+FIND_LINKS := for d in $$PIP_FIND_LINKS $$($(PY) -m pip config get global.find-links 2>/dev/null); do \
+	printf -- '--find-links %s ' "$$d"; done
+
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade 'pip>=25'
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check 'uv>=0.9,<1'
+	$(VENV)/bin/uv pip install --quiet --python $(PY) $$($(FIND_LINKS)) -e '.[dev]'
 	@touch $(STAMP)
 
 $(WARMED): $(STAMP)
