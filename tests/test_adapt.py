@@ -142,3 +142,27 @@ def test_adapt_learns_real_recordings_and_refuses_bad_arguments(checkpoint, fsdd
     with pytest.raises(ConfigError, match="text is token ids"):
         input_features(OmniVec2.from_pretrained(checkpoint),
                        Batch("text", "digit", torch.zeros(1, 3, dtype=torch.long), torch.zeros(1)))  # fmt: skip
+
+
+def test_uci_digits_are_drawn_as_mnist_and_adapt_reads_them_without_a_directory(checkpoint, tmp_path, capsys):
+    from workbench.data.sources import UCI_TRAIN, load_uci_digits
+
+    table = load_uci_digits(seed=0)
+    x = table.x.data.reshape(-1, 28, 28)  # the stored uint8 pixels
+    assert len(table.y) == 1797 and x.dtype == torch.uint8 and table.spec.num_classes == 10
+    assert int(x.max()) == 255 and not x[:, :4].any() and not x[:, -4:].any() and not x[:, :, :4].any()
+    split = table.split.numpy()
+    assert (split[:UCI_TRAIN] != 2).all() and (split[UCI_TRAIN:] == 2).all()  # the first 1,400 train
+    val = np.flatnonzero(split == 1)
+    assert len(val) == sum(round(c * 0.1) for c in np.bincount(table.y[:UCI_TRAIN].numpy()))  # stratified 10%
+    assert not np.array_equal(np.flatnonzero(load_uci_digits(seed=1).split.numpy() == 1), val)
+    out = tmp_path / "uci.json"
+    args = ["adapt", "--checkpoint", str(checkpoint), "--dataset", "uci-digits", "--features", "input"]
+    assert main([*args, "--epochs", "50", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["task"] == "image/uci_digits" and result["test_samples"] == 397
+    assert result["directory"] == ""  # nothing read from disk
+    assert result["accuracy"] > 0.5, result  # chance is 0.1; pixels alone read most digits
+    capsys.readouterr()
+    assert main(["adapt", "--checkpoint", str(checkpoint), "--dataset", "fsdd"]) == 2
+    assert "the fsdd dataset is read from a directory; give one (--dir)" in capsys.readouterr().err

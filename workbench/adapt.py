@@ -16,8 +16,9 @@ embedding, and scored on its test split. What the two layers read (``features``)
 
 Because the network is frozen, the embeddings are computed once and the two layers train on them
 directly: the same optimum as pushing every batch through the frozen network, at a fraction of the
-cost. Datasets: FSDD speech (``fsdd``, speaker-disjoint test split) and MNIST-format IDX directories
-such as Fashion-MNIST (``idx``).
+cost. Datasets: FSDD speech (``fsdd``, speaker-disjoint test split), MNIST-format IDX directories
+such as Fashion-MNIST (``idx``), and scikit-learn's bundled UCI handwritten digits drawn as MNIST is
+(``uci-digits``, no directory: the third dataset of the readout's selection).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from workbench.errors import ConfigError
 from workbench.paths import cache_dir
 from workbench.seeding import seed_everything
 
-DATASETS = ("fsdd", "idx")
+DATASETS = ("fsdd", "idx", "uci-digits")
 FEATURES = ("network", "last", "random", "input")
 
 
@@ -68,9 +69,9 @@ class AdaptResult:
         return dataclasses.asdict(self)
 
 
-def load_new_dataset(kind: str, directory: str | Path, data: DataConfig, seed: int):
-    """(TaskData, task name) of an unseen dataset read from ``directory``."""
-    from workbench.data.sources import load_fsdd, load_idx_dir
+def load_new_dataset(kind: str, directory: str | Path | None, data: DataConfig, seed: int):
+    """The TaskData of an unseen dataset read from ``directory`` (``uci-digits`` reads none)."""
+    from workbench.data.sources import load_fsdd, load_idx_dir, load_uci_digits
 
     if kind == "fsdd":
         cfg = dataclasses.replace(data, audio_source="fsdd", fsdd_dir=str(directory))
@@ -79,6 +80,8 @@ def load_new_dataset(kind: str, directory: str | Path, data: DataConfig, seed: i
     if kind == "idx":
         name = "fashion" if "fashion" in str(directory).lower() else "idx"
         return load_idx_dir(Path(directory), name, seed)
+    if kind == "uci-digits":  # bundled with scikit-learn: ``directory`` is not read
+        return load_uci_digits(seed)
     raise ConfigError(f"unknown adaptation dataset {kind!r}; choose one of {list(DATASETS)}")
 
 
@@ -157,7 +160,7 @@ def _fresh_like(model, seed: int):
 def adapt(
     checkpoint: str | Path,
     kind: str,
-    directory: str | Path,
+    directory: str | Path | None = None,
     *,
     fraction: float = 0.1,
     epochs: int = 200,
@@ -181,6 +184,8 @@ def adapt(
         raise ConfigError(f"epochs={epochs} must be at least 1")
     if features not in FEATURES:
         raise ConfigError(f"unknown features {features!r}; choose one of {list(FEATURES)}")
+    if kind in ("fsdd", "idx") and not directory:
+        raise ConfigError(f"the {kind} dataset is read from a directory; give one (--dir)")
     not_data = [o for o in overrides if not o.startswith("data.")]
     if not_data:
         raise ConfigError(f"adapt takes data.* overrides only (the network is the checkpoint's): {not_data}")
@@ -215,7 +220,8 @@ def adapt(
     f1 = MulticlassF1Score(spec.num_classes, average="macro")(pred, y_test).item()
     return AdaptResult(
         kind, spec.key, features, fraction, len(train), len(test), acc, f1, time.perf_counter() - started,
-        checkpoint=str(Path(checkpoint).resolve()), directory=str(Path(directory).resolve()), seed=seed,
+        checkpoint=str(Path(checkpoint).resolve()), directory=str(Path(directory).resolve()) if directory else "",
+        seed=seed,
         epochs=epochs, hidden=hidden, lr=lr, overrides=list(overrides),
     )  # fmt: skip
 

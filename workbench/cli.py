@@ -354,13 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_adapt,
         "adapt a frozen checkpoint to an unseen dataset with two FC layers (paper 4.2)",
         "Freeze the network, train two fully connected layers on a stratified fraction of a new dataset's "
-        "training split (FSDD speech recordings, or MNIST-format IDX files such as Fashion-MNIST), and "
+        "training split (FSDD speech recordings, MNIST-format IDX files such as Fashion-MNIST, or "
+        "scikit-learn's UCI handwritten digits drawn as MNIST is), and "
         "report test accuracy.",
     )
     p.add_argument("--checkpoint", required=True, metavar="CKPT")
-    p.add_argument("--dataset", required=True, choices=("fsdd", "idx"))
+    p.add_argument("--dataset", required=True, choices=("fsdd", "idx", "uci-digits"))
     p.add_argument(
-        "--dir", required=True, metavar="DIR", help="FSDD recordings/ or a directory of *-ubyte.gz"
+        "--dir",
+        metavar="DIR",
+        help="FSDD recordings/ or a directory of *-ubyte.gz (uci-digits comes with scikit-learn: none)",
     )
     p.add_argument(
         "--fraction", type=float, default=0.1, help="share of the training split used (default 0.1)"

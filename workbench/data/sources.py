@@ -264,6 +264,9 @@ def _idx_pairs(directory: Path) -> dict[str, tuple[Path, Path]]:
     return {k: (v["images"], v["labels"]) for k, v in found.items() if len(v) == 2}
 
 
+UCI_TRAIN = 1400  # load_digits' first 1,400 images train, the other 397 test
+
+
 def load_idx_dir(directory: Path, task: str, seed: int) -> TaskData:
     """MNIST-format IDX files -> an image classification table (``t10k`` = test, 10% of train = val)."""
     pairs = _idx_pairs(directory)
@@ -280,15 +283,37 @@ def load_idx_dir(directory: Path, task: str, seed: int) -> TaskData:
             images.append(x.astype(np.uint8))
             labels.append(y)
             split.append(np.full(len(y), 0 if part == "train" else 2))
-    x, y, split_col = np.concatenate(images), np.concatenate(labels), np.concatenate(split)
-    val = _stratified_pick(y, np.flatnonzero(split_col == 0), 0.1, seed)
-    split_col[val] = 1
     fashion = "fashion" in str(directory).lower() or "fashion" in task
-    names = FASHION_LABELS if fashion else tuple(str(i) for i in range(max(10, int(y.max()) + 1)))
-    spec = TaskSpec("image", task, "classification", names)
+    return _image_table(np.concatenate(images), np.concatenate(labels), np.concatenate(split), task, seed,
+                        FASHION_LABELS if fashion else None)  # fmt: skip
+
+
+def load_uci_digits(seed: int, n_train: int = UCI_TRAIN) -> TaskData:
+    """scikit-learn's bundled ``load_digits`` (1,797 real handwritten digits from UCI, 8x8 at 17 grey
+    levels) drawn as MNIST is: scaled to 0-255, resized to 20x20 (bilinear) and centred on 28x28. The
+    first ``n_train`` are the training split (10% of them val), the rest test. The writers are not
+    recorded, so unlike FSDD's speakers they may appear on both sides of the split."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    grey = (x.reshape(-1, 8, 8) * 255 / 16).astype(np.uint8)
+    big = np.stack([np.asarray(Image.fromarray(im).resize((20, 20), Image.BILINEAR)) for im in grey])
+    split = np.where(np.arange(len(y)) < n_train, 0, 2)
+    return _image_table(np.pad(big, ((0, 0), (4, 4), (4, 4))), y.astype(np.int64), split, "uci_digits", seed)
+
+
+def _image_table(x: np.ndarray, y: np.ndarray, split: np.ndarray, task: str, seed: int,
+                 names: tuple[str, ...] | None = None) -> TaskData:  # fmt: skip
+    """(N, 28, 28) uint8 images with labels and a train (0) / test (2) column -> a classification table
+    whose val split is a stratified, seeded 10% of train."""
+    split = split.copy()
+    split[_stratified_pick(y, np.flatnonzero(split == 0), 0.1, seed)] = 1
+    names = names or tuple(str(i) for i in range(max(10, int(y.max()) + 1)))
     yt = torch.from_numpy(y)
-    return TaskData(spec, Dense(torch.from_numpy(x), (1, 28, 28)), yt, _digit_of(names, yt),
-                    torch.from_numpy(split_col).to(torch.uint8))  # fmt: skip
+    return TaskData(TaskSpec("image", task, "classification", names),
+                    Dense(torch.from_numpy(x.astype(np.uint8)), (1, 28, 28)), yt, _digit_of(names, yt),
+                    torch.from_numpy(split).to(torch.uint8))  # fmt: skip
 
 
 def _stratified_pick(labels: np.ndarray, rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
