@@ -43,7 +43,7 @@ def test_setup_rejects_unknown_parameter_naming_closest_key(params, closest):
         ({"overrides": "train.lr=0.1"}, "must be a list of str"),
         ({"overrides": ["train.lrr=0.1"]}, "closest valid key is 'train.lr'"),
         ({"profile": "quik"}, "did you mean 'quick'"),
-        ({"adapt_datasets": [["fsd", "x"]]}, "names 'fsd'; the kinds are \\['fsdd', 'idx'\\]"),
+        ({"adapt_datasets": [["fsd", "x"]]}, "names 'fsd'; the kinds are \\['fsdd', 'idx', 'uci-digits'\\]"),
         ({"adapt_datasets": ["fsdd", "x"]}, "must be a list of \\[kind, directory\\] pairs"),
         ({"adapt_seeds": []}, "adapt_seeds=\\[\\] is empty"),
         ({"adapt_epochs": 0}, "adapt_epochs=0 must be a whole number >= 1"),
