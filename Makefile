@@ -34,7 +34,7 @@ WARM_UI := gradio papermill nbconvert plotly.graph_objects ipykernel.kernelapp w
 IMPORT := $(PY) -c "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
 
 # The install: pip fetches uv into the venv and uv installs the project (60 s of pip's single-threaded
-# resolving and unpacking became 15 s). uv reads no pip configuration, so tools/uv_args.py hands it pip's
+# resolving and unpacking became ~20 s). uv reads no pip configuration, so tools/uv_args.py hands it pip's
 # package sources (here the find-links of a local CPU torch wheel, which uv, like pip, prefers to the
 # CUDA build of 2.13.0). Should uv fail, or not be available, pip installs as before.
 $(STAMP): pyproject.toml

@@ -1,6 +1,6 @@
 """Print the arguments that point `uv pip install` at the package sources pip is configured with.
 
-`make setup` installs the project with uv (15 s against pip's 60 s here), but uv reads neither pip's
+`make setup` installs the project with uv (~20 s against pip's 60 s here), but uv reads neither pip's
 config files nor its ``PIP_*`` variables. This script hands them over, read from ``pip config list``
 (files and environment alike): ``find-links`` (on this machine a local CPU torch wheel), ``index-url``,
 ``extra-index-url`` and ``constraint``. Where pip has more than one index, uv is told to pick the best

@@ -221,8 +221,7 @@ def adapt(
     return AdaptResult(
         kind, spec.key, features, fraction, len(train), len(test), acc, f1, time.perf_counter() - started,
         checkpoint=str(Path(checkpoint).resolve()), directory=str(Path(directory).resolve()) if directory else "",
-        seed=seed,
-        epochs=epochs, hidden=hidden, lr=lr, overrides=list(overrides),
+        seed=seed, epochs=epochs, hidden=hidden, lr=lr, overrides=list(overrides),
     )  # fmt: skip
 
 

@@ -264,9 +264,6 @@ def _idx_pairs(directory: Path) -> dict[str, tuple[Path, Path]]:
     return {k: (v["images"], v["labels"]) for k, v in found.items() if len(v) == 2}
 
 
-UCI_TRAIN = 1400  # load_digits' first 1,400 images train, the other 397 test
-
-
 def load_idx_dir(directory: Path, task: str, seed: int) -> TaskData:
     """MNIST-format IDX files -> an image classification table (``t10k`` = test, 10% of train = val)."""
     pairs = _idx_pairs(directory)
@@ -286,6 +283,9 @@ def load_idx_dir(directory: Path, task: str, seed: int) -> TaskData:
     fashion = "fashion" in str(directory).lower() or "fashion" in task
     return _image_table(np.concatenate(images), np.concatenate(labels), np.concatenate(split), task, seed,
                         FASHION_LABELS if fashion else None)  # fmt: skip
+
+
+UCI_TRAIN = 1400  # load_digits' first 1,400 images train, the other 397 test
 
 
 def load_uci_digits(seed: int, n_train: int = UCI_TRAIN) -> TaskData:
