@@ -204,6 +204,12 @@ def _one_line(text: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+# How long a kernel may take to answer its first request. papermill's 60 s failed a fresh-clone `make test`
+# once (2026-12-05): two kernels starting beside a test worker while all three compiled their first imports
+# on 2 cores. A slow start is not a notebook failure; a kernel that never answers still fails.
+KERNEL_START_SECONDS = 300
+
+
 def _execute(
     spec: NotebookSpec, source: Path, params: dict, run_dir: Path, cwd: Path, threads: int | None = None
 ) -> dict[str, Any]:
@@ -223,6 +229,7 @@ def _execute(
                 cwd=str(cwd),
                 progress_bar=False,
                 log_output=False,
+                start_timeout=KERNEL_START_SECONDS,
                 kernel_manager_class=_kernel_manager_logging_to(
                     run_dir / "logs" / f"{spec.name}.log", threads
                 ),
