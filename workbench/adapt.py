@@ -40,7 +40,8 @@ from workbench.errors import ConfigError
 from workbench.paths import cache_dir
 from workbench.seeding import seed_everything
 
-DATASETS = ("fsdd", "idx", "uci-digits")
+READS_DIRECTORY = ("fsdd", "idx")  # the datasets read from a directory; uci-digits comes with scikit-learn
+DATASETS = (*READS_DIRECTORY, "uci-digits")
 FEATURES = ("network", "last", "random", "input")
 
 
@@ -184,7 +185,7 @@ def adapt(
         raise ConfigError(f"epochs={epochs} must be at least 1")
     if features not in FEATURES:
         raise ConfigError(f"unknown features {features!r}; choose one of {list(FEATURES)}")
-    if kind in ("fsdd", "idx") and not directory:
+    if kind in READS_DIRECTORY and not directory:
         raise ConfigError(f"the {kind} dataset is read from a directory; give one (--dir)")
     not_data = [o for o in overrides if not o.startswith("data.")]
     if not_data:
