@@ -105,6 +105,34 @@ def test_the_last_layer_naming_a_preset_picks_it_and_a_load_leaves_the_next_unto
     assert json.loads(json.dumps(MODEL_PRESETS)) == presets  # the presets merged underneath stay as written
 
 
+def test_a_repeated_load_is_resolved_once_and_every_caller_gets_its_own_config(tmp_path, monkeypatch):
+    import workbench.config as config
+
+    resolved = []
+    resolve = config._resolve
+    monkeypatch.setattr(config, "_resolve", lambda *a: resolved.append(a) or resolve(*a))
+    monkeypatch.setattr(config, "_LOADS", {})
+    f = tmp_path / "a.yaml"
+    f.write_text("train:\n  steps: 5\n")
+    first = load_config(files=[f], overrides=["train.lr=0.01"])
+    first.train.steps = 99  # a caller changing its config changes no one else's
+    again = load_config(files=[f], overrides=["train.lr=0.01"])
+    assert again is not first and (again.train.steps, again.train.lr) == (5, 0.01) and len(resolved) == 1
+    f.write_text("train:\n  steps: 6\n")  # same size, new bytes: a new input
+    assert load_config(files=[f], overrides=["train.lr=0.01"]).train.steps == 6 and len(resolved) == 2
+    saved = to_dict(again)
+    assert to_dict(from_dict(saved)) == to_dict(from_dict(saved)) == saved and len(resolved) == 3
+    assert from_dict(saved) is not from_dict(saved)
+    with pytest.raises(ConfigError, match=r"train\.step"):  # errors are raised every time, never remembered
+        load_config(overrides=["train.step=3"])
+    with pytest.raises(ConfigError, match=r"train\.step"):
+        load_config(overrides=["train.step=3"])
+    assert len(resolved) == 5
+    load_config(base={"data": {"fsdd_dir": tmp_path}})  # not JSON: resolved afresh each time
+    load_config(base={"data": {"fsdd_dir": tmp_path}})
+    assert len(resolved) == 7
+
+
 def test_file_then_overrides_order(tmp_path):
     f = tmp_path / "a.yaml"
     f.write_text("train:\n  steps: 5\n  lr: 0.01\n")
