@@ -131,6 +131,11 @@ def test_a_repeated_load_is_resolved_once_and_every_caller_gets_its_own_config(t
     load_config(base={"data": {"fsdd_dir": tmp_path}})  # not JSON: resolved afresh each time
     load_config(base={"data": {"fsdd_dir": tmp_path}})
     assert len(resolved) == 7
+    monkeypatch.setattr(config, "_resolve", lambda *a: Config())  # the bound: the newest 256 inputs
+    for seed in range(300):
+        load_config(overrides=[f"seed={seed}"])
+    assert len(config._LOADS) == 256 and ((), ("seed=299",), "") in config._LOADS
+    assert ((), ("seed=0",), "") not in config._LOADS
 
 
 def test_file_then_overrides_order(tmp_path):

@@ -710,11 +710,13 @@ def load_config(
     key = _load_key(files, overrides, base)
     if key is None:
         return _resolve(files, overrides, base)
-    if key not in _LOADS:
+    cfg = _LOADS.get(key)
+    if cfg is None:
+        cfg = _resolve(files, overrides, base)
         if len(_LOADS) >= 256:
-            _LOADS.pop(next(iter(_LOADS)))  # the oldest
-        _LOADS[key] = _resolve(files, overrides, base)
-    return copy.deepcopy(_LOADS[key])  # callers may change theirs
+            _LOADS.pop(next(iter(_LOADS), None), None)  # the oldest
+        _LOADS[key] = cfg
+    return copy.deepcopy(cfg)  # callers may change theirs
 
 
 _LOADS: dict[tuple, Config] = {}  # load_config's inputs -> what they resolved to
