@@ -63,3 +63,13 @@ def test_config_prints_resolved_yaml(capsys):
 def test_bad_usage_exits_2():
     assert _run("train").returncode == 2  # --stage is required
     assert _run("no-such-command").returncode == 2
+
+
+def test_adapt_choices_are_the_ones_adapt_accepts():
+    """The parser spells out `adapt`'s choices (importing workbench.adapt would load torchmetrics just to
+    print --help): they must stay the lists adapt() checks."""
+    from workbench.adapt import DATASETS, FEATURES
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["adapt"]
+    choices = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
+    assert choices["dataset"] == DATASETS and choices["features"] == FEATURES

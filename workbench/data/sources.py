@@ -312,7 +312,7 @@ def _image_table(x: np.ndarray, y: np.ndarray, split: np.ndarray, task: str, see
     names = names or tuple(str(i) for i in range(max(10, int(y.max()) + 1)))
     yt = torch.from_numpy(y)
     return TaskData(TaskSpec("image", task, "classification", names),
-                    Dense(torch.from_numpy(x.astype(np.uint8)), (1, 28, 28)), yt, _digit_of(names, yt),
+                    Dense(torch.from_numpy(x.astype(np.uint8, copy=False)), (1, 28, 28)), yt, _digit_of(names, yt),
                     torch.from_numpy(split).to(torch.uint8))  # fmt: skip
 
 
