@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from torch.utils.data import default_collate
 
 from workbench.batch import Batch
 from workbench.cli import main
@@ -91,6 +92,40 @@ def test_every_task_batch_keeps_the_tensor_contract(bench, tokenizer):
                 assert all(int((row != 0).sum()) == n for row, n in zip(x, batch.lengths))
             if spec.modality in ("image", "video"):
                 assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and float(x.max()) > 0.5
+
+
+def _same_batch(a: Batch, b: Batch) -> None:
+    assert a.key == b.key
+    for name in ("x", "y", "lengths", "digit"):
+        u, v = getattr(a, name), getattr(b, name)
+        assert (u is None) == (v is None), name
+        assert u is None or (u.dtype == v.dtype and torch.equal(u, v)), f"{a.key}: {name} differs"
+
+
+def test_a_batch_read_at_once_equals_its_items_collated_one_by_one(bench, tokenizer):
+    """A loader fetches a batch's Rows (``__getitems__``) and reads each column once; that must give
+    exactly the batch that collating the items one by one gives, for every input kind and target."""
+    order = torch.randperm(10_000, generator=torch.Generator().manual_seed(0))
+    for spec in bench.tasks:
+        ds = bench.dataset(spec.modality, spec.name, "train")
+        indices = order[order < len(ds)][:13].tolist()
+        loader = make_loader(ds, 13, shuffle=False, seed=0, text_tokenizer=tokenizer)
+        rows = ds.__getitems__(indices)
+        x, y, digit = rows[5]  # the items stay readable one by one
+        x5, y5, digit5 = ds[indices[5]]
+        assert len(rows) == 13 and torch.equal(y, y5) and torch.equal(digit, digit5)
+        assert x == x5 if isinstance(x, str) else torch.equal(x, x5)
+        _same_batch(loader.collate_fn(rows), loader.collate_fn([ds[i] for i in indices]))
+        # and the DataLoader itself takes that path: its first batch is items 0-12 collated one by one
+        _same_batch(next(iter(loader)), loader.collate_fn([ds[i] for i in range(13)]))
+        if ds.input_kind == "dense":  # a collate function of one's own still sees the items
+            assert torch.equal(default_collate(rows)[0], default_collate([ds[i] for i in indices])[0])
+    audio, text = bench.dataset("audio", "digit", "val"), bench.dataset("text", "digit", "val")
+    paired = make_paired_loader(audio, text, 9, shuffle=True, seed=3, text_tokenizer=tokenizer)
+    fast = paired.collate_fn(paired.dataset.__getitems__([4, 0, 7]))
+    slow = paired.collate_fn([paired.dataset[i] for i in (4, 0, 7)])
+    for a, b in zip(fast, slow):
+        _same_batch(a, b)
 
 
 def test_denoise_pairs_a_corrupted_input_with_the_clean_digit(bench):

@@ -8,13 +8,16 @@ entry point the training code, notebooks and the app use::
     ds = bench.dataset("audio", "language", "train")  # a torch Dataset of (x, y, digit) items
     loader = make_loader(ds, 64, shuffle=True, seed=0, text_tokenizer=tok)   # yields Batch
 
-Storage is compact (uint8 pixels, int16 waveforms) and converted to float per item. A table's
+Storage is compact (uint8 pixels, int16 waveforms) and converted to float when read. A table's
 inputs know how to collate themselves (stack, pad with lengths, or tokenize), so the loader code
-never branches on a modality name.
+never branches on a modality name. A DataLoader reads a whole batch at once: ``TaskDataset.__getitems__``
+returns the batch's :class:`Rows`, which the loader's collate function gathers with one indexing
+operation per column (``take``) instead of one per item; the result equals collating the items.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +50,10 @@ class Dense:
     def collate(xs: list[torch.Tensor], tokenizer=None) -> tuple[torch.Tensor, None]:
         return torch.stack(xs), None  # (B, *shape)
 
+    def take(self, rows: torch.Tensor, tokenizer=None) -> tuple[torch.Tensor, None]:
+        """``collate`` of the samples at table ``rows``, read with one indexing operation."""
+        return self.data[rows].reshape(-1, *self.shape).float() * self.scale, None
+
 
 class Ragged:
     """Variable-length 1-D samples concatenated in ``flat`` with ``offsets`` (N + 1,) (waveforms)."""
@@ -71,6 +78,16 @@ class Ragged:
         out = torch.stack([F.pad(x, (0, int(lengths.max()) - x.numel())) for x in xs])  # (B, L) right-padded
         return out, lengths
 
+    def take(self, rows: torch.Tensor, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``collate`` of the samples at table ``rows``: copied into one padded int16 block, then scaled
+        once (2.4x faster than per-sample floats for 32 clips; a vectorised gather was slower still)."""
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        lengths = (ends - starts).long()
+        out = self.flat.new_zeros((rows.numel(), int(lengths.max()) if rows.numel() else 0))
+        for j, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+            out[j, : b - a] = self.flat[a:b]
+        return out.float() * self.scale, lengths
+
 
 class Strings:
     """Raw text; token ids are made at collate time by the model's TextTokenizer."""
@@ -91,6 +108,9 @@ class Strings:
         if tokenizer is None:
             raise ValueError("text batches need a TextTokenizer: make_loader(..., text_tokenizer=tok)")
         return tokenizer.encode(list(xs))  # (B, N) int64 ids, (B,) lengths
+
+    def take(self, rows: torch.Tensor, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.collate([self.texts[r] for r in rows.tolist()], tokenizer)
 
 
 Inputs = Dense | Ragged | Strings
@@ -128,6 +148,10 @@ class TaskDataset(Dataset):
         y = self.data.y.get(r) if isinstance(self.data.y, Dense) else self.data.y[r]
         return self.data.x.get(r), y, self.data.digit[r]
 
+    def __getitems__(self, indices: list[int]) -> Rows:
+        """What a DataLoader fetches for one batch: the items, gathered when collated (:class:`Rows`)."""
+        return Rows(self, indices)
+
     @property
     def input_kind(self) -> str:
         return self.data.x.kind
@@ -150,6 +174,31 @@ class TaskDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"TaskDataset({self.spec.key}, {self.split}, n={len(self)})"
+
+
+class Rows(Sequence):
+    """Items ``indices`` of a :class:`TaskDataset`, not yet read.
+
+    ``gather`` reads them as one batch, column by column; any other collate function can still iterate
+    them item by item (``rows[j] == dataset[indices[j]]``).
+    """
+
+    def __init__(self, dataset: TaskDataset, indices: list[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        return self.dataset[self.indices[j]]
+
+    def gather(self, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(x, lengths, y, digit)`` of the whole batch, equal to collating its items one by one."""
+        data = self.dataset.data
+        rows = self.dataset.rows[torch.as_tensor(self.indices, dtype=torch.long)]
+        x, lengths = data.x.take(rows, tokenizer)
+        y = data.y.take(rows)[0] if isinstance(data.y, Dense) else data.y[rows]
+        return x, lengths, y, data.digit[rows].long()
 
 
 # --------------------------------------------------------------------------------------- benchmark

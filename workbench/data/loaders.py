@@ -16,27 +16,32 @@ that split's images in row order: equal permutations would silently pair them).
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from workbench.batch import Batch
-from workbench.data.benchmark import COLLATE, TaskDataset
+from workbench.data.benchmark import COLLATE, Rows, TaskDataset
 from workbench.errors import ConfigError
 from workbench.seeding import generator
 
 
 class Collate:
-    """List of ``(x, y, digit)`` items -> one :class:`Batch` (picklable, for worker processes)."""
+    """A batch's :class:`Rows` (what ``TaskDataset.__getitems__`` fetches) or a list of ``(x, y, digit)``
+    items -> one :class:`Batch` (picklable, for worker processes)."""
 
     def __init__(self, modality: str, task: str, input_kind: str, text_tokenizer=None):
         self.modality, self.task, self.input_kind, self.tokenizer = modality, task, input_kind, text_tokenizer
 
-    def __call__(self, items: list) -> Batch:
-        xs, ys, digits = zip(*items)
-        x, lengths = COLLATE[self.input_kind](list(xs), self.tokenizer)
-        y = torch.stack([torch.as_tensor(v) for v in ys])  # (B,) int64 or (B, *shape) float32
-        digit = torch.stack([torch.as_tensor(d) for d in digits]).long()
+    def __call__(self, items: Rows | list) -> Batch:
+        if isinstance(items, Rows):
+            x, lengths, y, digit = items.gather(self.tokenizer)
+        else:
+            xs, ys, digits = zip(*items)
+            x, lengths = COLLATE[self.input_kind](list(xs), self.tokenizer)
+            y = torch.stack([torch.as_tensor(v) for v in ys])  # (B,) int64 or (B, *shape) float32
+            digit = torch.stack([torch.as_tensor(d) for d in digits]).long()
         return Batch(self.modality, self.task, x, y, lengths, None if bool((digit < 0).any()) else digit)
 
 
@@ -128,12 +133,30 @@ class PairedDataset(Dataset):
     def __getitem__(self, i: int):
         return self.a[i], self.b[int(self.partner[i])]
 
+    def __getitems__(self, indices: list[int]) -> PairRows:
+        return PairRows(self.a.__getitems__(indices), self.b.__getitems__(self.partner[indices].tolist()))
+
+
+class PairRows(Sequence):
+    """The two sides of a paired batch, each gathered as one (:class:`Rows`); items are ``(a[j], b[j])``."""
+
+    def __init__(self, a: Rows, b: Rows):
+        self.a, self.b = a, b
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __getitem__(self, j):
+        return self.a[j], self.b[j]
+
 
 class PairCollate:
     def __init__(self, first: Collate, second: Collate):
         self.first, self.second = first, second
 
-    def __call__(self, items: list) -> tuple[Batch, Batch]:
+    def __call__(self, items: PairRows | list) -> tuple[Batch, Batch]:
+        if isinstance(items, PairRows):
+            return self.first(items.a), self.second(items.b)
         a, b = zip(*items)
         return self.first(list(a)), self.second(list(b))
 
