@@ -37,11 +37,18 @@ IMPORT := $(PY) -c "import importlib, sys; [importlib.import_module(m) for m in 
 # resolving and unpacking became ~20 s). uv reads no pip configuration, so tools/uv_args.py hands it pip's
 # package sources (here the find-links of a local CPU torch wheel, which uv, like pip, prefers to the
 # CUDA build of 2.13.0). Should uv fail, or not be available, pip installs as before.
+# Where one version of a package lies on two indexes, uv takes the first index's file and pip the best
+# wheel of both: here the first index holds soundfile's pure-Python wheel, which carries no libsndfile
+# ("sndfile library not found"), the second its manylinux wheel, which does. So the install ends by
+# loading soundfile; should that fail, pip puts the same version in again from the wheel it prefers.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check 'uv>=0.9,<1' \
 		&& $(VENV)/bin/uv pip install --quiet --python $(PY) $$($(PY) tools/uv_args.py) -e '.[dev]' \
 		|| $(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
+	@$(PY) -c "import soundfile" 2>/dev/null || $(PY) -m pip install --quiet --disable-pip-version-check \
+		--force-reinstall --no-deps "soundfile==$$($(PY) -c "import importlib.metadata as m; print(m.version('soundfile'))")"
+	$(PY) -c "import soundfile"
 	@touch $(STAMP)
 
 $(WARMED): $(STAMP)
